@@ -1,0 +1,79 @@
+"""The Starlette application: routes, and the lifespan that owns the engine and the store connection."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from engine.base import Synthesizer
+from realtime.config import ServerConfig
+from realtime.gateway import Gateway
+from realtime.metrics import CONTENT_TYPE_LATEST, Metrics
+from sessions.store import SessionStore, StoreError
+
+log = logging.getLogger("shoal.app")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def create_app(config: ServerConfig, engine: Synthesizer, store: SessionStore) -> Starlette:
+    """An app serving protocol v1 at /v1/realtime. Engine and store are started and closed by its lifespan."""
+    metrics = Metrics()
+    gateway = Gateway(config, engine, store, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.connect()
+        await engine.start()
+        try:
+            yield
+        finally:
+            await gateway.shutdown(config.shutdown_timeout_s)
+            await engine.aclose()
+            await store.aclose()
+
+    async def realtime(ws: WebSocket) -> None:
+        await gateway.serve(ws)
+
+    async def healthz(request: Request) -> Response:
+        problems: dict[str, str] = {}
+        try:
+            await store.ping()
+        except StoreError as exc:
+            problems["store"] = str(exc)
+        reason = engine.health()
+        if reason is not None:
+            problems["engine"] = reason
+        if not gateway.accepting:
+            problems["server"] = "shutting down"
+        body = {"status": "ok" if not problems else "unavailable", "engine": engine.info.name, **problems}
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def no_web(request: Request) -> Response:
+        return PlainTextResponse("Shoal: protocol v1 at /v1/realtime, health at /healthz, metrics at /metrics\n")
+
+    routes: list[Route | WebSocketRoute | Mount] = [
+        WebSocketRoute("/v1/realtime", realtime),
+        Route("/healthz", healthz),
+        Route("/metrics", metrics_endpoint),
+    ]
+    if (WEB_DIR / "index.html").is_file():
+        routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
+    else:
+        routes.append(Route("/", no_web))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = gateway
+    app.state.metrics = metrics
+    return app

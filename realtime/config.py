@@ -1,0 +1,55 @@
+"""Server configuration: one frozen dataclass, validated once, passed down explicitly (never read from env)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from realtime.conversation import Limits
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    message_bytes: int = 1 << 20  # any message but voice.create
+    voice_message_bytes: int = 8 << 20  # voice.create
+    voice_min_s: float = 1.0
+    voice_max_s: float = 60.0
+    idle_timeout_s: float = 120.0  # no message for this long closes the connection (pings keep it alive)
+    send_timeout_s: float = 5.0  # a client that does not take a frame for this long is dropped
+    audio_queue_packets: int = 256  # outgoing audio buffered per connection (pacing keeps it far lower)
+    control_queue_messages: int = 256
+    playback_grace_ms: float = 300.0  # after cancel, wait this long for a playback report before storing
+    lease_ms: int = 15_000  # session ownership lease in the store, refreshed every lease/3
+    turn: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.message_bytes < 1024 or self.voice_message_bytes < self.message_bytes:
+            raise ValueError("message size limits are too small")
+        if not 0 < self.voice_min_s <= self.voice_max_s:
+            raise ValueError("voice duration limits are inconsistent")
+        for name in ("idle_timeout_s", "send_timeout_s", "playback_grace_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.lease_ms < 1000:
+            raise ValueError("lease_ms must be at least 1000")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None  # None: start the embedded Redis under data_dir
+    data_dir: Path | None = None  # None: the per-user data directory
+    api_key: str | None = None
+    engine: str = "espeak"
+    session_ttl_s: int = 24 * 3600
+    shutdown_timeout_s: float = 3.0
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be within 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api key must not be empty")
+        if self.session_ttl_s < 60:
+            raise ValueError("session TTL must be at least 60 s")

@@ -1,0 +1,28 @@
+"""Prometheus metrics of one gateway, in a registry of its own (no process globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_TTFA_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions_open = Gauge("shoal_sessions_open", "Open protocol sessions", registry=r)
+        self.connections_open = Gauge("shoal_connections_open", "Open WebSocket connections", registry=r)
+        self.turns = Counter("shoal_turns", "Finished turns by reason", ["reason"], registry=r)
+        self.audio_seconds = Counter("shoal_audio_sent_seconds", "Seconds of audio sent to clients", registry=r)
+        self.ttfa = Histogram(
+            "shoal_ttfa_seconds", "Segment ready to first audio frame sent", buckets=_TTFA_BUCKETS, registry=r
+        )
+        self.errors = Counter("shoal_errors", "Error messages sent, by code", ["code"], registry=r)
+        self.voices = Counter("shoal_voices_created", "Reference voices registered", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,94 @@
+"""The bounded outgoing queue of one connection, in two lanes: control messages jump ahead of the stream.
+
+The stream lane keeps a turn's ``audio``, ``segment`` and ``turn.done`` in order and is bounded (producers
+wait: that is the backpressure that throttles the engine). The control lane (``pong``, ``error``, ...) is bounded
+too: a client that floods pings faster than it reads is dropped. ``drop_audio`` removes a cancelled turn's
+queued audio in one step, so a barge-in silences the stream within the packet being written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+from realtime.protocol import Audio, Segment, ServerMessage
+
+
+class OutboxFull(Exception):
+    """The control queue overflowed: the client does not read."""
+
+
+@dataclass(frozen=True)
+class Close:
+    """Sentinel: close the socket with this code once everything before it has been sent."""
+
+    code: int
+    reason: str = ""
+
+
+Item = ServerMessage | Close
+
+
+class Outbox:
+    def __init__(self, audio_limit: int, control_limit: int) -> None:
+        self._audio: deque[ServerMessage] = deque()
+        self._control: deque[Item] = deque()
+        self._audio_limit = audio_limit
+        self._control_limit = control_limit
+        self._readable = asyncio.Event()
+        self._audio_space = asyncio.Event()
+        self._audio_space.set()
+        self.closed = False
+
+    def put(self, item: Item) -> None:
+        if self.closed:
+            return
+        if len(self._control) >= self._control_limit:
+            raise OutboxFull("too many messages waiting for a client that does not read")
+        self._control.append(item)
+        self._readable.set()
+
+    def put_stream(self, msg: ServerMessage) -> None:
+        """Append to the stream lane past its bound (for the rare small message that ends a turn)."""
+        if not self.closed:
+            self._audio.append(msg)
+            self._readable.set()
+
+    async def put_audio(self, msg: Audio | Segment) -> None:
+        while len(self._audio) >= self._audio_limit and not self.closed:
+            self._audio_space.clear()
+            await self._audio_space.wait()
+        if self.closed:
+            return
+        self._audio.append(msg)
+        self._readable.set()
+
+    def drop_audio(self, turns: set[int]) -> int:
+        kept = [m for m in self._audio if not (isinstance(m, (Audio, Segment)) and m.turn in turns)]
+        dropped = len(self._audio) - len(kept)
+        self._audio = deque(kept)
+        self._audio_space.set()
+        return dropped
+
+    def close(self) -> None:
+        """No more sending: wake every waiter and drop what is queued."""
+        self.closed = True
+        self._audio.clear()
+        self._control.clear()
+        self._audio_space.set()
+        self._readable.set()
+
+    async def get(self) -> Item | None:
+        """Next item to send (control first), or None once closed."""
+        while True:
+            if self.closed:
+                return None
+            if self._control:
+                return self._control.popleft()
+            if self._audio:
+                msg = self._audio.popleft()
+                self._audio_space.set()
+                return msg
+            self._readable.clear()
+            await self._readable.wait()

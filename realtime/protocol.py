@@ -1,0 +1,458 @@
+"""Protocol v1: the closed set of messages, and their one encoder/decoder (msgpack binary or JSON text).
+
+Sans-I/O and total: ``decode_client`` either returns a typed message or raises ``ProtocolError`` — the one
+documented error, whose ``code`` maps to an ``error`` message in one place (``ProtocolError.to_message``).
+Binary fields (``audio.data``, ``voice.create.audio``) are raw bytes in msgpack and base64 strings in JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+ERROR_CODES = frozenset(
+    {
+        "bad_message",
+        "unknown_type",
+        "too_large",
+        "not_started",
+        "busy",
+        "limit",
+        "unauthorized",
+        "engine_unavailable",
+        "internal",
+    }
+)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+MAX_SPEAKER = 63  # speaker indices are 0..63
+MAX_SPEAKERS = 16  # entries in a speakers list
+
+
+class Encoding(Enum):
+    MSGPACK = "msgpack"
+    JSON = "json"
+
+
+class ProtocolError(Exception):
+    """A client input that cannot be accepted. ``fatal`` errors end the connection."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+    def to_message(self) -> Error:
+        return Error(code=self.code, message=self.message, fatal=self.fatal)
+
+
+# --------------------------------------------------------------------------------------------- client -> server
+
+
+@dataclass(frozen=True)
+class SpeakerSpec:
+    speaker: int
+    voice: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"speaker": self.speaker, "voice": self.voice}
+
+
+@dataclass(frozen=True)
+class SessionStart:
+    type: ClassVar[str] = "session.start"
+    session: str | None = None
+    speakers: tuple[SpeakerSpec, ...] | None = None
+    output: Mapping[str, Any] | None = None  # validated by realtime.audio.OutputFormat.from_wire
+    sampling: Mapping[str, Any] | None = None  # validated by engine.base.Sampling
+
+
+@dataclass(frozen=True)
+class Text:
+    type: ClassVar[str] = "text"
+    text: str
+    speaker: int | None = None
+
+
+@dataclass(frozen=True)
+class Flush:
+    type: ClassVar[str] = "flush"
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    type: ClassVar[str] = "turn.end"
+
+
+@dataclass(frozen=True)
+class Cancel:
+    type: ClassVar[str] = "cancel"
+
+
+@dataclass(frozen=True)
+class Playback:
+    type: ClassVar[str] = "playback"
+    turn: int
+    played_ms: float
+
+
+@dataclass(frozen=True)
+class VoiceCreate:
+    type: ClassVar[str] = "voice.create"
+    audio: bytes
+    text: str
+    voice: str | None = None
+    sample_rate: int | None = None  # only for raw pcm16 audio (default 16000)
+
+
+@dataclass(frozen=True)
+class SessionUpdate:
+    type: ClassVar[str] = "session.update"
+    speakers: tuple[SpeakerSpec, ...] | None = None
+    output: Mapping[str, Any] | None = None
+    sampling: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Ping:
+    type: ClassVar[str] = "ping"
+
+
+ClientMessage = SessionStart | Text | Flush | TurnEnd | Cancel | Playback | VoiceCreate | SessionUpdate | Ping
+
+# --------------------------------------------------------------------------------------------- server -> client
+
+
+@dataclass(frozen=True)
+class SessionReady:
+    type: ClassVar[str] = "session.ready"
+    session: str
+    engine: Mapping[str, Any]
+    output: Mapping[str, Any]
+    resumed: bool
+    turns: int
+    protocol: int = PROTOCOL_VERSION
+    speakers: tuple[SpeakerSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    type: ClassVar[str] = "turn.started"
+    turn: int
+    speaker: int
+
+
+@dataclass(frozen=True)
+class Audio:
+    type: ClassVar[str] = "audio"
+    turn: int
+    seq: int
+    ms: float
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Segment:
+    type: ClassVar[str] = "segment"
+    turn: int
+    text: str
+    ms: float
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    type: ClassVar[str] = "turn.done"
+    turn: int
+    reason: str  # complete | cancelled | length | error
+    audio_ms: float
+    frames: int
+    ttfa_ms: float | None
+
+
+@dataclass(frozen=True)
+class VoiceCreated:
+    type: ClassVar[str] = "voice.created"
+    voice: str
+    seconds: float
+    frames: int
+
+
+@dataclass(frozen=True)
+class Error:
+    type: ClassVar[str] = "error"
+    code: str
+    message: str
+    fatal: bool = False
+
+
+@dataclass(frozen=True)
+class Pong:
+    type: ClassVar[str] = "pong"
+
+
+ServerMessage = SessionReady | TurnStarted | Audio | Segment | TurnDone | VoiceCreated | Error | Pong
+
+_BINARY_FIELDS = {"audio": "data", "voice.create": "audio"}
+
+# --------------------------------------------------------------------------------------------- encoding
+
+
+def to_wire(msg: ServerMessage | ClientMessage) -> dict[str, Any]:
+    """The message as a plain map (binary fields as bytes), ``type`` first."""
+    out: dict[str, Any] = {"type": msg.type}
+    for name in msg.__dataclass_fields__:
+        value = getattr(msg, name)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = [v.to_wire() if isinstance(v, SpeakerSpec) else v for v in value]
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        out[name] = value
+    return out
+
+
+def encode(msg: ServerMessage | ClientMessage, encoding: Encoding) -> bytes | str:
+    """One frame: bytes for msgpack (a binary frame), str for JSON (a text frame)."""
+    wire = to_wire(msg)
+    if encoding is Encoding.MSGPACK:
+        return msgpack.packb(wire, use_bin_type=True)
+    binary = _BINARY_FIELDS.get(msg.type)
+    if binary is not None and binary in wire:
+        wire[binary] = base64.b64encode(wire[binary]).decode("ascii")
+    return json.dumps(wire, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_frame(frame: bytes | str) -> tuple[dict[str, Any], Encoding]:
+    """Frame -> (map, encoding). Raises ProtocolError(bad_message)."""
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        try:
+            obj = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True, max_bin_len=len(frame))
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
+            # UnicodeDecodeError is a ValueError: invalid UTF-8 in a str field lands here too.
+            raise ProtocolError("bad_message", f"binary frame is not a msgpack map: {exc}") from None
+        encoding = Encoding.MSGPACK
+    elif isinstance(frame, str):
+        try:
+            obj = json.loads(frame)
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError("bad_message", f"text frame is not a JSON object: {exc}") from None
+        encoding = Encoding.JSON
+    else:  # pragma: no cover - the shell only passes bytes or str
+        raise ProtocolError("bad_message", "frame must be binary or text")
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_message", f"a message must be a map, got {type(obj).__name__}")
+    return obj, encoding
+
+
+def decode_client(frame: bytes | str) -> tuple[ClientMessage, Encoding]:
+    """Decode one client frame into a typed message. Raises ProtocolError, never anything else."""
+    obj, encoding = parse_frame(frame)
+    try:
+        return _decode_map(obj, encoding), encoding
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # defensive: nothing else escapes
+        raise ProtocolError("bad_message", f"malformed message: {exc}") from None
+
+
+def decode_server(frame: bytes | str) -> dict[str, Any]:
+    """Decode a server frame into its map (binary fields as bytes): for clients and tests."""
+    obj, encoding = parse_frame(frame)
+    binary = _BINARY_FIELDS.get(obj.get("type", ""))
+    if encoding is Encoding.JSON and binary and isinstance(obj.get(binary), str):
+        obj[binary] = base64.b64decode(obj[binary])
+    return obj
+
+
+# --------------------------------------------------------------------------------------------- field checks
+
+
+class _Fields:
+    """Typed access to one message's fields with errors that name the field."""
+
+    def __init__(self, obj: Mapping[str, Any], mtype: str, encoding: Encoding) -> None:
+        self.obj, self.mtype, self.encoding = obj, mtype, encoding
+
+    def _bad(self, name: str, want: str) -> ProtocolError:
+        got = type(self.obj[name]).__name__
+        return ProtocolError("bad_message", f"{self.mtype}.{name} must be {want}, got {got}")
+
+    def str_(self, name: str, *, required: bool = False, max_len: int | None = None) -> str | None:
+        if self.obj.get(name) is None:
+            if required:
+                raise ProtocolError("bad_message", f"{self.mtype}.{name} is required")
+            return None
+        value = self.obj[name]
+        if not isinstance(value, str):
+            raise self._bad(name, "a string")
+        if max_len is not None and len(value) > max_len:
+            raise ProtocolError("limit", f"{self.mtype}.{name} is longer than {max_len} characters")
+        return value
+
+    def id_(self, name: str) -> str | None:
+        value = self.str_(name)
+        if value is not None and not _ID_RE.match(value):
+            raise ProtocolError(
+                "bad_message", f"{self.mtype}.{name} must be 1-64 characters of A-Z a-z 0-9 _ . : - (got {value!r})"
+            )
+        return value
+
+    def int_(self, name: str, lo: int, hi: int, *, required: bool = False) -> int | None:
+        if self.obj.get(name) is None:
+            if required:
+                raise ProtocolError("bad_message", f"{self.mtype}.{name} is required")
+            return None
+        value = self.obj[name]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._bad(name, "an integer")
+        if not lo <= value <= hi:
+            raise ProtocolError("bad_message", f"{self.mtype}.{name} must be within [{lo}, {hi}], got {value}")
+        return value
+
+    def num(self, name: str, lo: float, hi: float, *, required: bool = False) -> float | None:
+        if self.obj.get(name) is None:
+            if required:
+                raise ProtocolError("bad_message", f"{self.mtype}.{name} is required")
+            return None
+        value = self.obj[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise self._bad(name, "a finite number")
+        if not lo <= value <= hi:
+            raise ProtocolError("bad_message", f"{self.mtype}.{name} must be within [{lo}, {hi}], got {value}")
+        return float(value)
+
+    def map_(self, name: str) -> Mapping[str, Any] | None:
+        value = self.obj.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self._bad(name, "a map")
+        return value
+
+    def bytes_(self, name: str) -> bytes:
+        value = self.obj.get(name)
+        if value is None:
+            raise ProtocolError("bad_message", f"{self.mtype}.{name} is required")
+        if self.encoding is Encoding.JSON:
+            if not isinstance(value, str):
+                raise self._bad(name, "a base64 string")
+            try:
+                return base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ProtocolError("bad_message", f"{self.mtype}.{name} is not valid base64") from None
+        if not isinstance(value, (bytes, bytearray)):
+            raise self._bad(name, "binary")
+        return bytes(value)
+
+    def speakers(self, name: str = "speakers") -> tuple[SpeakerSpec, ...] | None:
+        value = self.obj.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise self._bad(name, "a list")
+        if len(value) > MAX_SPEAKERS:
+            raise ProtocolError("limit", f"{self.mtype}.{name} has more than {MAX_SPEAKERS} entries")
+        out: list[SpeakerSpec] = []
+        for i, entry in enumerate(value):
+            if not isinstance(entry, dict):
+                raise ProtocolError("bad_message", f"{self.mtype}.{name}[{i}] must be a map")
+            sub = _Fields(entry, f"{self.mtype}.{name}[{i}]", self.encoding)
+            speaker = sub.int_("speaker", 0, MAX_SPEAKER, required=True)
+            assert speaker is not None
+            out.append(SpeakerSpec(speaker=speaker, voice=sub.id_("voice")))
+        if len({s.speaker for s in out}) != len(out):
+            raise ProtocolError("bad_message", f"{self.mtype}.{name} lists a speaker twice")
+        return tuple(out)
+
+
+MAX_TEXT_CHARS = 20_000  # per message; the per-turn bound is enforced by the conversation
+
+
+def _decode_map(obj: Mapping[str, Any], encoding: Encoding) -> ClientMessage:
+    mtype = obj.get("type")
+    if not isinstance(mtype, str):
+        raise ProtocolError("bad_message", "every message needs a string 'type'")
+    f = _Fields(obj, mtype, encoding)
+    if mtype == "session.start":
+        return SessionStart(
+            session=f.id_("session"), speakers=f.speakers(), output=f.map_("output"), sampling=f.map_("sampling")
+        )
+    if mtype == "text":
+        text = f.str_("text", required=True, max_len=MAX_TEXT_CHARS)
+        assert text is not None
+        return Text(text=text, speaker=f.int_("speaker", 0, MAX_SPEAKER))
+    if mtype == "flush":
+        return Flush()
+    if mtype == "turn.end":
+        return TurnEnd()
+    if mtype == "cancel":
+        return Cancel()
+    if mtype == "playback":
+        turn = f.int_("turn", 0, 2**31 - 1, required=True)
+        played = f.num("played_ms", 0.0, 24 * 3600 * 1000.0, required=True)
+        assert turn is not None and played is not None
+        return Playback(turn=turn, played_ms=played)
+    if mtype == "voice.create":
+        text = f.str_("text", required=True, max_len=MAX_TEXT_CHARS)
+        assert text is not None
+        if not text.strip():
+            raise ProtocolError("bad_message", "voice.create.text (the transcript) must not be empty")
+        return VoiceCreate(
+            audio=f.bytes_("audio"),
+            text=text,
+            voice=f.id_("voice"),
+            sample_rate=f.int_("sample_rate", 8000, 192000),
+        )
+    if mtype == "session.update":
+        return SessionUpdate(speakers=f.speakers(), output=f.map_("output"), sampling=f.map_("sampling"))
+    if mtype == "ping":
+        return Ping()
+    raise ProtocolError("unknown_type", f"unknown message type {mtype!r}")
+
+
+__all__ = [
+    "Audio",
+    "Cancel",
+    "ClientMessage",
+    "ERROR_CODES",
+    "Encoding",
+    "Error",
+    "Flush",
+    "PROTOCOL_VERSION",
+    "Ping",
+    "Playback",
+    "Pong",
+    "ProtocolError",
+    "ServerMessage",
+    "Segment",
+    "SessionReady",
+    "SessionStart",
+    "SessionUpdate",
+    "SpeakerSpec",
+    "Text",
+    "TurnDone",
+    "TurnEnd",
+    "TurnStarted",
+    "VoiceCreate",
+    "VoiceCreated",
+    "decode_client",
+    "decode_server",
+    "encode",
+    "to_wire",
+]

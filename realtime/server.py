@@ -1,0 +1,99 @@
+"""Run the gateway under uvicorn with the embedded Redis, and shut both down gracefully.
+
+On SIGTERM / Ctrl-C: stop accepting, tell every open session it is going away (``error`` + close 1001), wait
+at most ``shutdown_timeout_s``, then let uvicorn stop; the embedded Redis is shut down last (it persists on
+SHUTDOWN), so nothing already stored is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import uvicorn
+
+from engine.base import Synthesizer
+from realtime.app import create_app
+from realtime.config import ServerConfig
+from realtime.gateway import Gateway
+from sessions.embedded import EmbeddedRedis, default_data_dir
+from sessions.store import SessionStore
+
+log = logging.getLogger("shoal.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn fails open WebSockets with 1012 on exit; drain ours first, with a proper goodbye."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, timeout_s: float, on_started: Callable[[], None]):
+        super().__init__(config)
+        self._gateway = gateway
+        self._timeout_s = timeout_s
+        self._drained = False
+        self._on_started = on_started
+
+    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[override]
+        await super().startup(sockets)
+        if self.started:
+            self._on_started()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.should_exit and not self._drained:
+            self._drained = True
+            await self._gateway.shutdown(self._timeout_s)
+        return await super().on_tick(counter)
+
+
+def serve(config: ServerConfig, engine: Synthesizer, out: TextIO = sys.stdout) -> int:
+    """Serve until a signal. Returns the process exit code."""
+    embedded: EmbeddedRedis | None = None
+    redis_url = config.redis_url
+    if redis_url is None:
+        data_dir = config.data_dir or default_data_dir()
+        embedded = EmbeddedRedis(data_dir)
+        embedded.start()
+        redis_url = embedded.url
+        store_desc = f"embedded Redis ({embedded.binary}) persisting under {data_dir}"
+    else:
+        store_desc = f"Redis at {_redact(redis_url)}"
+    try:
+        store = SessionStore(redis_url, session_ttl_s=config.session_ttl_s)
+        app = create_app(config, engine, store)
+        uv_config = uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            ws_max_size=config.limits.voice_message_bytes + (1 << 20),
+            ws_ping_interval=20.0,
+            ws_ping_timeout=20.0,
+            timeout_graceful_shutdown=2,
+            lifespan="on",
+        )
+        server: _Server
+
+        def announce() -> None:
+            port = server.servers[0].sockets[0].getsockname()[1] if server.servers else config.port
+            info = engine.info
+            print(f"shoal: engine {info.name} ({info.sample_rate} Hz, cloning {'on' if info.cloning else 'off'})", file=out)
+            print(f"shoal: store {store_desc}", file=out)
+            print(f"shoal: listening on http://{config.host}:{port}/ (protocol v1 at ws://{config.host}:{port}/v1/realtime)", file=out)
+            out.flush()
+
+        server = _Server(uv_config, app.state.gateway, config.shutdown_timeout_s, announce)
+        asyncio.run(server.serve())
+        return 0 if server.started else 1
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a redis URL before printing it."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -1,0 +1,317 @@
+"""The session store: sessions, their turns, connection ownership and voices in Redis.
+
+Layout (every key of a session shares a Redis Cluster hash tag, so multi-key scripts stay on one slot):
+
+    {prefix}:s:{<id>}:meta    hash: record (msgpack Session), turns (count), updated_at
+    {prefix}:s:{<id>}:turns   list of msgpack Turn, index i at position i
+    {prefix}:s:{<id>}:owner   string: the owner id holding the session's live connection, with a lease (PX)
+    {prefix}:v:{<id>}         string: msgpack Voice
+
+Every write of a session refreshes the TTL of its meta and turns keys (the owner key has its own lease instead).
+Multi-key writes are Lua scripts, so they are atomic. Every Redis failure is raised as `StoreError`; socket timeouts
+are short so an outage surfaces quickly, and the pool reconnects on its own once Redis is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from sessions.model import Session, Turn, Voice
+from sessions.serialize import StoreError, decode, encode
+
+__all__ = ["SessionKeys", "SessionStore", "StoreError"]
+
+# KEYS: meta, turns. ARGV: record, updated_at, ttl_ms. Returns 1 if created, 0 if the id exists.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'turns', 0, 'updated_at', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: meta, turns. ARGV: record, updated_at, ttl_ms. Returns 1 if saved, 0 if there is no such session.
+_SAVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'updated_at', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+# KEYS: meta, turns. ARGV: index, turn, updated_at, ttl_ms.
+# Returns {1, new count}, {0, current count} on an index mismatch, {-1, 0} if there is no such session.
+_APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local n = tonumber(redis.call('HGET', KEYS[1], 'turns'))
+if n ~= tonumber(ARGV[1]) then return {0, n} end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+n = redis.call('HINCRBY', KEYS[1], 'turns', 1)
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return {1, n}
+"""
+
+# KEYS: owner. ARGV: owner, lease_ms. Takes a free lease or extends our own.
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: owner. ARGV: owner, lease_ms.
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: owner. ARGV: owner.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class SessionKeys(NamedTuple):
+    meta: str
+    turns: str
+    owner: str
+
+
+class SessionStore:
+    """A narrow async interface to sessions in Redis over one connection pool (`connect` ... `aclose`)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        session_ttl_s: int = 86400,
+        voice_ttl_s: int | None = 30 * 86400,
+        key_prefix: str = "shoal",
+        socket_timeout_s: float = 2.0,
+    ) -> None:
+        if session_ttl_s <= 0:
+            raise ValueError("session_ttl_s must be positive")
+        if voice_ttl_s is not None and voice_ttl_s <= 0:
+            raise ValueError("voice_ttl_s must be positive or None (no expiry)")
+        if socket_timeout_s <= 0:
+            raise ValueError("socket_timeout_s must be positive")
+        self.url = url
+        self.session_ttl_s = session_ttl_s
+        self.voice_ttl_s = voice_ttl_s
+        self.key_prefix = key_prefix
+        self.socket_timeout_s = socket_timeout_s
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Make the connection pool and check that Redis answers (raises `StoreError` if it does not)."""
+        if self._redis is not None:
+            return
+        client = aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=self.socket_timeout_s,
+            socket_connect_timeout=self.socket_timeout_s,
+            # One quick retry on a connection error only: it replaces a pooled connection that a Redis restart
+            # closed. Timeouts are not retried, so an outage surfaces after one socket timeout.
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1, supported_errors=(RedisConnectionError,)),
+        )
+        self._scripts = {
+            name: client.register_script(src)
+            for name, src in [
+                ("create", _CREATE),
+                ("save", _SAVE),
+                ("append", _APPEND),
+                ("acquire", _ACQUIRE),
+                ("refresh", _REFRESH),
+                ("release", _RELEASE),
+            ]
+        }
+        self._redis = client
+        try:
+            await self.ping()
+        except StoreError:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        client, self._redis = self._redis, None
+        if client is not None:
+            with _errors("close"):
+                await client.aclose()
+
+    async def __aenter__(self) -> SessionStore:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def ping(self) -> None:
+        with _errors("PING"):
+            await self._client.ping()
+
+    # -- keys ------------------------------------------------------------------------------------------------------
+
+    def session_keys(self, session_id: str) -> SessionKeys:
+        base = f"{self.key_prefix}:s:{{{session_id}}}"
+        return SessionKeys(f"{base}:meta", f"{base}:turns", f"{base}:owner")
+
+    def voice_key(self, voice_id: str) -> str:
+        return f"{self.key_prefix}:v:{{{voice_id}}}"
+
+    # -- sessions --------------------------------------------------------------------------------------------------
+
+    async def create_session(self, session: Session) -> bool:
+        """Store a new session with no turns; False (and nothing written) if the id already exists."""
+        if session.turns != 0:
+            raise ValueError("a new session has no turns; append them with append_turn")
+        k = self.session_keys(session.id)
+        with _errors("create_session"):
+            created = await self._eval(
+                "create", keys=[k.meta, k.turns], args=[encode(session), repr(time.time()), self._session_ttl_ms]
+            )
+        return bool(created)
+
+    async def load_session(self, session_id: str) -> Session | None:
+        with _errors("load_session"):
+            fields = await self._client.hgetall(self.session_keys(session_id).meta)
+        if not fields:
+            return None
+        try:
+            record, turns, updated_at = fields[b"record"], int(fields[b"turns"]), float(fields[b"updated_at"])
+        except (KeyError, ValueError) as e:
+            raise StoreError(f"malformed session meta for {session_id!r}: {e!r}") from e
+        session = decode(_bytes(record), Session)
+        session.turns, session.updated_at = turns, updated_at
+        return session
+
+    async def save_session(self, session: Session) -> None:
+        """Save the session's settings (speakers, output, sampling) and refresh its TTL; `turns` is not touched."""
+        k = self.session_keys(session.id)
+        with _errors("save_session"):
+            saved = await self._eval(
+                "save", keys=[k.meta, k.turns], args=[encode(session), repr(time.time()), self._session_ttl_ms]
+            )
+        if not saved:
+            raise StoreError(f"no session {session.id!r} to save (never created, or expired)")
+
+    async def append_turn(self, session_id: str, turn: Turn) -> int:
+        """Atomically append `turn` (its index must equal the stored turn count) and return the new count."""
+        k = self.session_keys(session_id)
+        with _errors("append_turn"):
+            status, count = await self._eval(
+                "append",
+                keys=[k.meta, k.turns],
+                args=[turn.index, encode(turn), repr(time.time()), self._session_ttl_ms],
+            )
+        if status == -1:
+            raise StoreError(f"no session {session_id!r} to append a turn to (never created, or expired)")
+        if status == 0:
+            raise StoreError(
+                f"turn index {turn.index} does not follow the {count} stored turns of session {session_id!r}"
+                " (a double or out-of-order write)"
+            )
+        return int(count)
+
+    async def load_turns(self, session_id: str, start: int = 0) -> list[Turn]:
+        """The stored turns from index `start` on, in order."""
+        if start < 0:
+            raise ValueError("start must be >= 0")
+        with _errors("load_turns"):
+            items = await self._client.lrange(self.session_keys(session_id).turns, start, -1)
+        return [decode(_bytes(item), Turn) for item in items]
+
+    # -- ownership: one live connection per session ----------------------------------------------------------------
+
+    async def acquire(self, session_id: str, owner: str, lease_ms: int = 15000) -> bool:
+        """Take the session's lease for `owner` (or extend it if `owner` holds it); False if another owner does."""
+        _check_lease(owner, lease_ms)
+        with _errors("acquire"):
+            held = await self._eval("acquire", keys=[self.session_keys(session_id).owner], args=[owner, lease_ms])
+        return bool(held)
+
+    async def refresh(self, session_id: str, owner: str, lease_ms: int) -> bool:
+        """Extend the lease if `owner` still holds it; False if it expired or another owner took it."""
+        _check_lease(owner, lease_ms)
+        with _errors("refresh"):
+            held = await self._eval("refresh", keys=[self.session_keys(session_id).owner], args=[owner, lease_ms])
+        return bool(held)
+
+    async def release(self, session_id: str, owner: str) -> None:
+        """Drop the lease if `owner` holds it; a lease held by another owner is left alone."""
+        with _errors("release"):
+            await self._eval("release", keys=[self.session_keys(session_id).owner], args=[owner])
+
+    # -- voices ----------------------------------------------------------------------------------------------------
+
+    async def put_voice(self, voice: Voice) -> None:
+        """Store (or replace) a voice by id, with `voice_ttl_s` (None: kept until deleted)."""
+        px = None if self.voice_ttl_s is None else self.voice_ttl_s * 1000
+        with _errors("put_voice"):
+            await self._client.set(self.voice_key(voice.voice), encode(voice), px=px)
+
+    async def get_voice(self, voice_id: str) -> Voice | None:
+        with _errors("get_voice"):
+            data = await self._client.get(self.voice_key(voice_id))
+        return None if data is None else decode(_bytes(data), Voice)
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    @property
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise RuntimeError("SessionStore is not connected; await connect() first")
+        return self._redis
+
+    async def _eval(self, script: str, *, keys: list[str], args: list[Any]) -> Any:
+        if self._redis is None:
+            raise RuntimeError("SessionStore is not connected; await connect() first")
+        return await self._scripts[script](keys=keys, args=args)
+
+    @property
+    def _session_ttl_ms(self) -> int:
+        return self.session_ttl_s * 1000
+
+
+def _bytes(value: bytes | str) -> bytes:
+    assert isinstance(value, bytes), "the client is made with decode_responses=False"
+    return value
+
+
+def _check_lease(owner: str, lease_ms: int) -> None:
+    if not owner:
+        raise ValueError("owner must be a non-empty string")
+    if lease_ms <= 0:
+        raise ValueError("lease_ms must be positive")
+
+
+@contextlib.contextmanager
+def _errors(operation: str) -> Iterator[None]:
+    """Raise every Redis or socket failure inside as one `StoreError`."""
+    try:
+        yield
+    except (RedisError, OSError) as e:  # OSError covers socket errors and builtin TimeoutError
+        raise StoreError(f"redis {operation} failed: {type(e).__name__}: {e}") from e

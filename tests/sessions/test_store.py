@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from sessions.embedded import EmbeddedRedis
+from sessions.model import Session, Speaker, Turn, Voice
+from sessions.store import SessionStore, StoreError
+
+DAY_MS = 86400 * 1000
+
+
+@pytest.fixture
+async def raw(redis_server: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the same server, to look at what the store wrote."""
+    client = aioredis.Redis.from_url(redis_server)
+    yield client
+    await client.aclose()
+
+
+def turn(index: int, frames: int = 8) -> Turn:
+    codes = np.full((10, frames), index, dtype=np.int16)
+    return Turn(index=index, speaker=index % 2, text=f"turn {index}", state="complete", audio_ms=frames * 21, codes=codes)
+
+
+async def test_create_load_save(store: SessionStore) -> None:
+    assert await store.load_session("s1") is None
+    session = Session("s1", speakers=[Speaker(0, "alice")], output={"format": "opus"}, sampling={"temperature": 0.7})
+    assert await store.create_session(session) is True
+    assert await store.create_session(Session("s1")) is False  # the id exists: nothing overwritten
+    loaded = await store.load_session("s1")
+    assert loaded is not None
+    assert (loaded.speakers, loaded.output, loaded.sampling, loaded.turns) == (
+        [Speaker(0, "alice")], {"format": "opus"}, {"temperature": 0.7}, 0,
+    )
+    loaded.speakers.append(Speaker(1, "bob"))
+    loaded.sampling = {"temperature": 1.0}
+    await store.save_session(loaded)
+    again = await store.load_session("s1")
+    assert again is not None
+    assert again.speakers == [Speaker(0, "alice"), Speaker(1, "bob")] and again.sampling == {"temperature": 1.0}
+    assert again.updated_at >= loaded.updated_at and again.created_at == session.created_at
+
+
+async def test_save_of_a_missing_session_is_a_store_error(store: SessionStore) -> None:
+    with pytest.raises(StoreError, match="no session 'ghost'"):
+        await store.save_session(Session("ghost"))
+
+
+async def test_append_and_load_turns(store: SessionStore, raw: aioredis.Redis) -> None:
+    await store.create_session(Session("s"))
+    for i in range(4):
+        assert await store.append_turn("s", turn(i)) == i + 1
+    turns = await store.load_turns("s")
+    assert [t.index for t in turns] == [0, 1, 2, 3] and [t.text for t in turns] == [f"turn {i}" for i in range(4)]
+    assert turns[2].codes is not None
+    np.testing.assert_array_equal(turns[2].codes, np.full((10, 8), 2, np.int16))
+    assert [t.index for t in await store.load_turns("s", start=2)] == [2, 3]
+    session = await store.load_session("s")
+    assert session is not None and session.turns == 4
+    # save_session leaves the turn count alone, even when handed a stale one
+    session.turns = 0
+    await store.save_session(session)
+    reloaded = await store.load_session("s")
+    assert reloaded is not None and reloaded.turns == 4
+    assert await raw.llen(store.session_keys("s").turns) == 4
+
+
+async def test_append_turn_checks_the_index(store: SessionStore) -> None:
+    await store.create_session(Session("s"))
+    assert await store.append_turn("s", turn(0)) == 1
+    with pytest.raises(StoreError, match="turn index 0 does not follow the 1 stored turns"):
+        await store.append_turn("s", turn(0))  # a double write
+    with pytest.raises(StoreError, match="turn index 2 does not follow"):
+        await store.append_turn("s", turn(2))  # a gap
+    with pytest.raises(StoreError, match="no session 'nope'"):
+        await store.append_turn("nope", turn(0))
+    assert [t.index for t in await store.load_turns("s")] == [0]
+
+
+async def test_concurrent_appends_of_the_same_index_store_one_turn(store: SessionStore) -> None:
+    await store.create_session(Session("s"))
+    results = await asyncio.gather(*(store.append_turn("s", turn(0)) for _ in range(20)), return_exceptions=True)
+    assert results.count(1) == 1
+    assert all(isinstance(r, StoreError) for r in results if r != 1)
+    assert len(await store.load_turns("s")) == 1
+
+
+async def test_ttl_is_set_and_refreshed_on_every_write(store: SessionStore, raw: aioredis.Redis) -> None:
+    keys = store.session_keys("s")
+    await store.create_session(Session("s"))
+    assert DAY_MS - 10_000 < await raw.pttl(keys.meta) <= DAY_MS
+    await store.append_turn("s", turn(0))
+    for key in (keys.meta, keys.turns):
+        assert DAY_MS - 10_000 < await raw.pttl(key) <= DAY_MS
+        await raw.pexpire(key, 5_000)
+    await store.append_turn("s", turn(1))
+    for key in (keys.meta, keys.turns):
+        assert await raw.pttl(key) > DAY_MS - 10_000
+        await raw.pexpire(key, 5_000)
+    session = await store.load_session("s")
+    assert session is not None
+    await store.save_session(session)
+    for key in (keys.meta, keys.turns):
+        assert await raw.pttl(key) > DAY_MS - 10_000
+
+
+async def test_session_expires_with_its_ttl(redis_server: str) -> None:
+    async with SessionStore(redis_server, session_ttl_s=1, key_prefix=f"t-{uuid.uuid4().hex}") as store:
+        await store.create_session(Session("s"))
+        await store.append_turn("s", turn(0))
+        await asyncio.sleep(1.2)
+        assert await store.load_session("s") is None and await store.load_turns("s") == []
+
+
+async def test_keys_share_a_cluster_hash_tag(store: SessionStore) -> None:
+    keys = store.session_keys("abc")
+    assert all(f"{store.key_prefix}:s:{{abc}}:" in k for k in keys)
+    assert keys.meta.endswith(":meta") and keys.turns.endswith(":turns") and keys.owner.endswith(":owner")
+    assert store.voice_key("v") == f"{store.key_prefix}:v:{{v}}"
+
+
+async def test_ownership(store: SessionStore, raw: aioredis.Redis) -> None:
+    owner_key = store.session_keys("s").owner
+    assert await store.acquire("s", "gw-1") is True
+    assert await store.acquire("s", "gw-1") is True  # already ours
+    assert await store.acquire("s", "gw-2") is False
+    assert await store.refresh("s", "gw-2", 15_000) is False
+    await store.release("s", "gw-2")  # not the owner: compare-and-delete leaves it
+    assert await raw.get(owner_key) == b"gw-1"
+    await raw.pexpire(owner_key, 1_000)
+    assert await store.refresh("s", "gw-1", 60_000) is True
+    assert 59_000 < await raw.pttl(owner_key) <= 60_000
+    await store.release("s", "gw-1")
+    assert await raw.exists(owner_key) == 0
+    assert await store.acquire("s", "gw-2") is True
+
+
+async def test_lease_expiry_frees_the_session(store: SessionStore) -> None:
+    assert await store.acquire("s", "gw-1", lease_ms=100) is True
+    await asyncio.sleep(0.25)
+    assert await store.refresh("s", "gw-1", 100) is False  # lost it: the lease ran out
+    assert await store.acquire("s", "gw-2") is True
+    assert await store.acquire("s", "gw-1") is False
+
+
+async def test_voices(store: SessionStore, raw: aioredis.Redis) -> None:
+    assert await store.get_voice("v1") is None
+    voice = Voice("v1", "hello", 1.0, 24000, b"\x01\x00" * 24000, codes=np.ones((10, 21), np.int16))
+    await store.put_voice(voice)
+    back = await store.get_voice("v1")
+    assert back is not None and back.audio == voice.audio and back.text == "hello"
+    assert back.codes is not None
+    np.testing.assert_array_equal(back.codes, np.ones((10, 21), np.int16))
+    assert 30 * DAY_MS - 10_000 < await raw.pttl(store.voice_key("v1")) <= 30 * DAY_MS
+
+
+async def test_voices_without_ttl(redis_server: str, raw: aioredis.Redis) -> None:
+    async with SessionStore(redis_server, voice_ttl_s=None, key_prefix=f"t-{uuid.uuid4().hex}") as store:
+        await store.put_voice(Voice("v", "t", 0.5, 16000, b""))
+        assert await raw.ttl(store.voice_key("v")) == -1
+
+
+async def test_a_malformed_stored_record_is_a_store_error(store: SessionStore, raw: aioredis.Redis) -> None:
+    await store.create_session(Session("s"))
+    await raw.hset(store.session_keys("s").meta, "record", b"\xc1garbage")
+    with pytest.raises(StoreError, match="malformed session record"):
+        await store.load_session("s")
+    await raw.rpush(store.session_keys("s").turns, b"junk")
+    with pytest.raises(StoreError, match="malformed turn record"):
+        await store.load_turns("s")
+
+
+async def test_unreachable_redis_is_a_store_error(tmp_path: Path) -> None:
+    store = SessionStore(f"unix://{tmp_path}/nothing.sock")
+    with pytest.raises(StoreError, match="PING failed"):
+        await store.connect()
+    with pytest.raises(RuntimeError, match="not connected"):
+        await store.load_session("s")
+
+
+async def test_outage_and_recovery(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    try:
+        async with SessionStore(server.url, socket_timeout_s=0.5) as store:
+            await store.create_session(Session("s"))
+            assert await store.append_turn("s", turn(0)) == 1
+
+            # A hung Redis: the call fails after the socket timeout instead of hanging.
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(StoreError, match="Timeout"):
+                    await store.load_session("s")
+                assert time.monotonic() - started < 2.0
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert await store.load_session("s") is not None  # the same store works once it answers again
+
+            # A stopped Redis: every operation is a StoreError, promptly.
+            server.stop()
+            started = time.monotonic()
+            for call in (store.ping(), store.load_session("s"), store.append_turn("s", turn(1)), store.acquire("s", "o")):
+                with pytest.raises(StoreError):
+                    await call
+            assert time.monotonic() - started < 2.0
+
+            # Redis is back on the same socket: the same store object works again, and nothing was lost.
+            server.start()
+            await store.ping()
+            assert await store.append_turn("s", turn(1)) == 2
+            assert [t.index for t in await store.load_turns("s")] == [0, 1]
+    finally:
+        server.stop()
