@@ -120,7 +120,9 @@ class EmbeddedRedis:
                 raise RuntimeError(f"redis-server exited with code {code} on start; {self._log_tail()}")
             if time.monotonic() > deadline:
                 self._kill()
-                raise TimeoutError(f"redis-server did not answer PING within {self.start_timeout_s} s; {self._log_tail()}")
+                raise TimeoutError(
+                    f"redis-server did not answer PING within {self.start_timeout_s} s; {self._log_tail()}"
+                )
             time.sleep(_PING_INTERVAL_S)
         return self
 
@@ -131,7 +133,7 @@ class EmbeddedRedis:
         try:
             with self._client() as client:
                 client.shutdown()
-        except RedisError:
+        except (RedisError, OSError):
             self._signal(signal.SIGTERM)
         if not self._wait_exit(self.stop_timeout_s):
             self._kill()

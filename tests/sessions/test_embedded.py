@@ -75,16 +75,30 @@ def test_config_listens_only_on_the_socket_and_persists_with_an_aof(tmp_path: Pa
         client = redis.Redis(unix_socket_path=str(server.socket_path), decode_responses=True)
         config = {k: client.config_get(k)[k] for k in ("port", "appendonly", "appendfsync", "dir", "daemonize")}
         client.close()
-    assert config == {"port": "0", "appendonly": "yes", "appendfsync": "everysec", "dir": str(tmp_path), "daemonize": "no"}
+    assert config == {
+        "port": "0",
+        "appendonly": "yes",
+        "appendfsync": "everysec",
+        "dir": str(tmp_path),
+        "daemonize": "no",
+    }
 
 
 def test_a_redis_left_by_a_crashed_gateway_is_adopted(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     # A "gateway" that starts the embedded Redis and dies without stopping it.
     crashed = subprocess.run(
-        [sys.executable, "-c", "import os, sys; from sessions.embedded import EmbeddedRedis;"
-         " r = EmbeddedRedis(sys.argv[1]).start(); print(r.pid, flush=True); os._exit(1)", str(data_dir)],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            sys.executable,
+            "-c",
+            "import os, sys; from sessions.embedded import EmbeddedRedis;"
+            " r = EmbeddedRedis(sys.argv[1]).start(); print(r.pid, flush=True); os._exit(1)",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     orphan = int(crashed.stdout)
     try:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import pytest
@@ -32,9 +34,7 @@ def test_turn_round_trip_with_codes() -> None:
     assert back.codes.dtype == np.int16 and back.codes.shape == (10, 321)
     np.testing.assert_array_equal(back.codes, turn.codes)
     back.codes[0, 0] = 7  # decoded codes are a writable array of their own
-    assert (back.index, back.speaker, back.text, back.state, back.audio_ms, back.created_at) == (
-        4, 1, "héllo ✓", "cancelled", 1234, 9.0,
-    )
+    assert replace(back, codes=None) == replace(turn, codes=None)
 
 
 @pytest.mark.parametrize("value", [None, np.zeros((10, 0), np.int16), codes(5).astype(">i2")])
@@ -53,7 +53,7 @@ def test_voice_round_trip() -> None:
     back = decode(encode(voice), Voice)
     assert back.audio == audio and back.codes is not None and voice.codes is not None
     np.testing.assert_array_equal(back.codes, voice.codes)
-    assert (back.voice, back.text, back.seconds, back.sample_rate, back.created_at) == ("v1", "the transcript", 2.5, 24000, 3.0)
+    assert replace(back, codes=None) == replace(voice, codes=None)
 
 
 def test_encoding_carries_the_schema_version_and_codes_layout() -> None:

@@ -29,7 +29,9 @@ async def raw(redis_server: str) -> AsyncIterator[aioredis.Redis]:
 
 def turn(index: int, frames: int = 8) -> Turn:
     codes = np.full((10, frames), index, dtype=np.int16)
-    return Turn(index=index, speaker=index % 2, text=f"turn {index}", state="complete", audio_ms=frames * 21, codes=codes)
+    return Turn(
+        index=index, speaker=index % 2, text=f"turn {index}", state="complete", audio_ms=frames * 21, codes=codes
+    )
 
 
 async def test_create_load_save(store: SessionStore) -> None:
@@ -40,7 +42,10 @@ async def test_create_load_save(store: SessionStore) -> None:
     loaded = await store.load_session("s1")
     assert loaded is not None
     assert (loaded.speakers, loaded.output, loaded.sampling, loaded.turns) == (
-        [Speaker(0, "alice")], {"format": "opus"}, {"temperature": 0.7}, 0,
+        [Speaker(0, "alice")],
+        {"format": "opus"},
+        {"temperature": 0.7},
+        0,
     )
     loaded.speakers.append(Speaker(1, "bob"))
     loaded.sampling = {"temperature": 1.0}
@@ -210,7 +215,8 @@ async def test_outage_and_recovery(tmp_path: Path) -> None:
             # A stopped Redis: every operation is a StoreError, promptly.
             server.stop()
             started = time.monotonic()
-            for call in (store.ping(), store.load_session("s"), store.append_turn("s", turn(1)), store.acquire("s", "o")):
+            calls = [store.ping(), store.load_session("s"), store.append_turn("s", turn(1)), store.acquire("s", "o")]
+            for call in calls:
                 with pytest.raises(StoreError):
                     await call
             assert time.monotonic() - started < 2.0
