@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.base import EngineError, SynthesisRequest, Synthesizer, VoiceRef
-from engine.registry import ENGINES, make_engine
+from engine.registry import ENGINE_NAMES, make_engine
 from realtime.audio import write_wav
 from realtime.config import ServerConfig
 
@@ -44,7 +44,7 @@ def _speaker(value: str) -> int:
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=sorted(ENGINES), default="espeak", help="synthesizer (default: espeak, built in)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="espeak", help="synthesizer (default: espeak, built in)")
     p.add_argument("--stub-ttft-ms", type=_nonneg_float, default=20.0, help="stub engine: delay before the first frame")
     p.add_argument("--stub-frame-ms", type=_nonneg_float, default=12.0, help="stub engine: time per 46.4 ms codec frame")
 

@@ -20,6 +20,7 @@ class GatewayLimits:
     control_queue_messages: int = 256
     playback_grace_ms: float = 300.0  # after cancel, wait this long for a playback report before storing
     lease_ms: int = 15_000  # session ownership lease in the store, refreshed every lease/3
+    busy_wait_ms: float = 1500.0  # how long session.start waits for a previous connection to let go
     turn: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:

@@ -216,9 +216,25 @@ class Connection:
             await self._finish()
 
     async def _refuse(self, code: str, message: str, close_code: int) -> None:
+        """Refuse the connection with a fatal error, in the encoding of the client's first frame if one comes
+        within 2 s (clients send session.start at once), else as JSON."""
         self.gw.metrics.errors.labels(code).inc()
-        await self.ws.send_text(encode(Error(code=code, message=message, fatal=True), Encoding.JSON))  # type: ignore[arg-type]
-        await self.ws.close(close_code)
+        encoding = Encoding.JSON
+        try:
+            first = await asyncio.wait_for(self.ws.receive(), 2.0)
+            if first.get("bytes") is not None:
+                encoding = Encoding.MSGPACK
+        except TimeoutError:
+            pass  # a silent client gets JSON
+        frame = encode(Error(code=code, message=message, fatal=True), encoding)
+        try:
+            if isinstance(frame, bytes):
+                await self.ws.send_bytes(frame)
+            else:
+                await self.ws.send_text(frame)
+            await self.ws.close(close_code)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the client left first: nothing to tell it
 
     async def _finish(self) -> None:
         self._closing = True
@@ -394,7 +410,7 @@ class Connection:
             if speakers is None:
                 speakers = [SpeakerSpec(s.speaker, s.voice) for s in stored.speakers]
         await self._load_voices(speakers or [])
-        if not await store.acquire(session_id, self.owner, self.limits.lease_ms):
+        if not await self._acquire(session_id):
             raise ProtocolError("busy", f"session {session_id} is live on another connection", fatal=True)
         try:
             session = stored or Session(id=session_id)
@@ -416,6 +432,16 @@ class Connection:
         self.gw.metrics.sessions_open.inc()
         self._tasks.append(asyncio.create_task(self._keep_lease(), name="lease"))
         self._send(self._ready(resumed=stored is not None))
+
+    async def _acquire(self, session_id: str) -> bool:
+        """Take the session's ownership lease. A connection that just dropped may still be storing its last
+        turn: wait for it a little (``busy_wait_ms``) before answering busy, so a quick reconnect just works."""
+        deadline = time.monotonic() + self.limits.busy_wait_ms / 1000.0
+        while not await self.gw.store.acquire(session_id, self.owner, self.limits.lease_ms):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def _ready(self, resumed: bool) -> SessionReady:
         assert self.session is not None

@@ -8,9 +8,12 @@ SHUTDOWN), so nothing already stored is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 import uvicorn
@@ -19,7 +22,7 @@ from engine.base import Synthesizer
 from realtime.app import create_app
 from realtime.config import ServerConfig
 from realtime.gateway import Gateway
-from sessions.embedded import EmbeddedRedis, default_data_dir
+from sessions.embedded import EmbeddedRedis, default_data_dir, find_redis_server
 from sessions.store import SessionStore
 
 log = logging.getLogger("shoal.server")
@@ -40,6 +43,19 @@ class _Server(uvicorn.Server):
         if self.started:
             self._on_started()
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Like uvicorn's, but without re-raising the signal afterwards: we still have the store to stop."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     async def on_tick(self, counter: int) -> bool:
         if self.should_exit and not self._drained:
             self._drained = True
@@ -53,10 +69,12 @@ def serve(config: ServerConfig, engine: Synthesizer, out: TextIO = sys.stdout) -
     redis_url = config.redis_url
     if redis_url is None:
         data_dir = config.data_dir or default_data_dir()
-        embedded = EmbeddedRedis(data_dir)
+        binary = find_redis_server()
+        embedded = EmbeddedRedis(data_dir, executable=binary)
         embedded.start()
         redis_url = embedded.url
-        store_desc = f"embedded Redis ({embedded.binary}) persisting under {data_dir}"
+        how = "adopted a running" if embedded.adopted else "started"
+        store_desc = f"embedded Redis ({how} {binary}) persisting under {data_dir}"
     else:
         store_desc = f"Redis at {_redact(redis_url)}"
     try:

@@ -22,7 +22,6 @@ import pytest
 from realtime.audio import decode_opus
 from tests.realtime.conftest import Client, Server, start_server
 
-pytestmark = pytest.mark.asyncio
 
 
 def rms(x: np.ndarray) -> float:
@@ -267,12 +266,14 @@ async def test_api_key_header_query_and_refusal(tmp_path: Path) -> None:
     srv = start_server(tmp_path / "data", "--api-key", "s3cret")
     try:
         bad = await Client.connect(srv.url)
+        await bad.send(type="session.start")
         err = await bad.recv()
         assert err["type"] == "error" and err["code"] == "unauthorized" and err["fatal"] is True
         with pytest.raises(Exception):
             await bad.recv(timeout=5)
         assert bad.ws.close_code == 1008
-        wrong = await Client.connect(srv.url + "?token=nope")
+        wrong = await Client.connect(srv.url + "?token=nope", use_json=True)
+        await wrong.send(type="session.start")
         assert (await wrong.recv())["code"] == "unauthorized"
         header = await Client.connect(srv.url, additional_headers={"Authorization": "Bearer s3cret"})
         await header.start()
@@ -335,3 +336,47 @@ def test_serve_rejects_bad_arguments_clearly(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "realtime", "serve", "--redis", "http://x"], capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 2 and "--redis" in bad.stderr
+
+
+async def test_redis_outage_mid_session_gives_errors_then_recovers(tmp_path: Path) -> None:
+    from sessions.embedded import EmbeddedRedis
+    from sessions.store import SessionStore
+
+    redis = EmbeddedRedis(tmp_path / "redis").start()
+    srv = start_server(tmp_path / "unused", "--redis", redis.url)
+    try:
+        client = await Client.connect(srv.url)
+        sid = (await client.start())["session"]
+        redis.stop()  # outage: the gateway keeps the connection, reports, and keeps the turn in memory
+        done, msgs = await speak(client, ["Spoken while the store is down."], 0)
+        assert done["reason"] == "complete"  # audio does not depend on the store
+        err, _ = await client.until("error", timeout=15)
+        assert err["code"] == "internal" and "store" in err["message"] and err["fatal"] is False
+        await client.ping()
+        other = await Client.connect(srv.url)
+        await other.send(type="session.start")
+        err, _ = await other.until("error", timeout=15)
+        assert err["code"] == "internal" and err["fatal"] is False
+        await other.ping()
+        async with __import__("httpx").AsyncClient(base_url=srv.http) as http:
+            assert (await http.get("/healthz")).status_code == 503
+        redis.start()  # back: the kept turn is written by the retry loop
+        store = SessionStore(redis.url)
+        await store.connect()
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                session = await store.load_session(sid)
+                if session is not None and session.turns == 1:
+                    break
+                await asyncio.sleep(0.2)
+            turns = await store.load_turns(sid)
+            assert [t.text for t in turns] == ["Spoken while the store is down."]
+        finally:
+            await store.aclose()
+        await other.start()
+        await other.close()
+        await client.close()
+    finally:
+        srv.stop()
+        redis.stop()
