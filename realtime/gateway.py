@@ -311,6 +311,9 @@ class Connection:
                 if isinstance(item, Close):
                     await asyncio.wait_for(self.ws.close(item.code, item.reason), timeout)
                     return
+                if isinstance(item, TurnDone):  # TTFA is known only once the first packet went out
+                    state = self.turns.get(item.turn)
+                    item = replace(item, ttfa_ms=state.ttfa_ms if state is not None else None)
                 frame = encode(item, self.encoding)
                 if isinstance(frame, bytes):
                     await asyncio.wait_for(self.ws.send_bytes(frame), timeout)
@@ -328,6 +331,8 @@ class Connection:
         state = self.turns.get(msg.turn)
         if state is not None and state.first_sent_at is None:
             state.first_sent_at = time.monotonic()
+            if state.ttfa_ms is not None:
+                self.gw.metrics.ttfa.observe(state.ttfa_ms / 1000.0)
         self.gw.metrics.audio_seconds.inc(self.output.frame_ms / 1000.0)
 
     # ------------------------------------------------------------------ receiving
@@ -663,7 +668,12 @@ class Connection:
             ahead = self.clock.ahead_ms(time.monotonic())
             if ahead > lead:
                 await asyncio.sleep((ahead - lead) / 1000.0)
-            await self.outbox.put_audio(Audio(turn=state.turn, seq=state.seq, ms=round(state.sent_ms, 3), data=data))
+            msg = Audio(turn=state.turn, seq=state.seq, ms=round(state.sent_ms, 3), data=data)
+            try:
+                await asyncio.wait_for(self.outbox.put_audio(msg), self.limits.send_timeout_s)
+            except TimeoutError:
+                self._fatal("limit", "the client reads audio slower than real time; dropping the connection", CLOSE_POLICY)
+                raise asyncio.CancelledError from None
             state.seq += 1
             state.sent_ms += frame_ms
             self.clock.sent_ms += frame_ms
@@ -681,18 +691,17 @@ class Connection:
         reason = "cancelled" if state.cancelled else "error" if state.failed else "length" if state.length else "complete"
         # in the stream lane, so turn.done follows the turn's last audio packet
         self.outbox.put_stream(
-            TurnDone(turn=state.turn, reason=reason, audio_ms=round(state.sent_ms, 3), frames=state.seq, ttfa_ms=state.ttfa_ms)
+            TurnDone(turn=state.turn, reason=reason, audio_ms=round(state.sent_ms, 3), frames=state.seq, ttfa_ms=None)
         )
-        metrics = self.gw.metrics
-        metrics.turns.labels(reason).inc()
-        if state.ttfa_ms is not None:
-            metrics.ttfa.observe(state.ttfa_ms / 1000.0)
+        self.gw.metrics.turns.labels(reason).inc()
         if self.conversation is not None:
             self.conversation.finished(state.turn)
         self.history.append(self._stored_turn(state, reason))
         if self.session is not None:
             self.session.turns = len(self.history)
         self.writes.put_nowait(state)
+        for old in [t for t, st in self.turns.items() if st.done and t < state.turn - 8]:
+            del self.turns[old]  # long finished: keep the per-connection state bounded
 
     def _stored_turn(self, state: _Turn, reason: str) -> Turn:
         """The turn as the conversation will remember it: a cancelled one cut at what the listener heard."""
