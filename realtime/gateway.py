@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from engine.base import EngineError, PastTurn, Sampling, SynthesisRequest, Synthesizer, VoiceRef
 from realtime.audio import AudioEncoder, OutputFormat, read_audio_bytes
@@ -262,10 +262,11 @@ class Connection:
                 await self.gw.store.release(self.session.id, self.owner)
             except StoreError as exc:
                 log.warning("session %s: could not release ownership: %s", self.session.id, exc)
-        try:
-            await self.ws.close(1000)
-        except (RuntimeError, OSError):
-            pass  # already closed by the peer or by a fatal error: nothing left to tell
+        if self.ws.application_state is not WebSocketState.DISCONNECTED:
+            try:
+                await self.ws.close(1000)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                pass  # the peer left first: nothing left to tell
 
     def going_away(self) -> None:
         """Server shutdown: stop turns, tell the client, close with 1001."""
