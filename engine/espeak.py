@@ -30,7 +30,7 @@ from engine.base import AudioChunk, EngineError, EngineInfo, SynthesisRequest
 from engine.espeak_voice import Segment, plan_segments
 from engine.espeak_worker import MAX_FRAME, encode_frame
 
-__all__ = ["EspeakConfig", "EspeakStats", "EspeakSynthesizer", "SAMPLE_RATE"]
+__all__ = ["SAMPLE_RATE", "EspeakConfig", "EspeakStats", "EspeakSynthesizer"]
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,13 @@ class _Worker:
     def begin(self, segments: list[Segment]) -> _Stream:
         assert self.stream is None, "a worker serves one request at a time"
         self._next_id += 1
-        self.stream = _Stream(self._next_id)
-        self._send({"t": "synth", "id": self._next_id, "segments": [s.to_wire() for s in segments]})
-        return self.stream
+        stream = _Stream(self._next_id)
+        if not self.alive:  # died after it was handed out; the reader has already reported on its last stream
+            stream.items.put_nowait(_Item(end=_End.LOST, error=f"espeak worker {self.pid} exited"))
+            return stream
+        self.stream = stream
+        self._send({"t": "synth", "id": stream.id, "segments": [s.to_wire() for s in segments]})
+        return stream
 
     def ack(self, stream: _Stream) -> None:
         self._send({"t": "ack", "id": stream.id, "n": 1})

@@ -18,7 +18,7 @@ from typing import NamedTuple
 from engine.base import SynthesisRequest, VoiceRef
 from engine.markup import split_markup
 
-__all__ = ["Prosody", "Segment", "TIMBRES", "Timbre", "plan_segments", "speaker_timbre", "style_of", "voice_timbres"]
+__all__ = ["TIMBRES", "Prosody", "Segment", "Timbre", "plan_segments", "speaker_timbre", "style_of", "voice_timbres"]
 
 
 class Timbre(NamedTuple):
@@ -125,8 +125,8 @@ def style_of(instructions: Sequence[str]) -> str | None:
 
 
 def _prosody(language: str, timbre: Timbre, style: str | None) -> Prosody:
-    variant, pitch, pitch_range, rate = timbre
-    volume = 100
+    variant = timbre.variant
+    pitch, pitch_range, rate, volume = float(timbre.pitch), float(timbre.range), float(timbre.rate), 100
     if style == "whisper":
         variant = "whisperf" if variant.startswith("f") else "whisper"
     elif style == "slow":

@@ -50,7 +50,7 @@ _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), 
 
 
 def encode_frame(message: Mapping[str, Any]) -> bytes:
-    payload = msgpack.packb(message, use_bin_type=True)
+    payload: bytes = msgpack.packb(message, use_bin_type=True)
     if len(payload) > MAX_FRAME:
         raise ValueError(f"frame of {len(payload)} bytes is over {MAX_FRAME}")
     return _HEADER.pack(len(payload)) + payload
@@ -100,8 +100,8 @@ class Espeak:
         lib.espeak_Synth.restype = ctypes.c_int
         self._set_seed: Callable[[int], None] | None = getattr(lib, "espeak_ng_SetRandSeed", None)  # espeak-ng >= 1.51
         if self._set_seed is not None:
-            self._set_seed.argtypes = [ctypes.c_long]  # type: ignore[attr-defined]
-            self._set_seed.restype = None  # type: ignore[attr-defined]
+            self._set_seed.argtypes = [ctypes.c_long]
+            self._set_seed.restype = None
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, buffer_ms, data.encode(), _INITIALIZE_DONT_EXIT)
         if rate <= 0:
             raise EspeakUnavailable(f"espeak_Initialize failed (data at {data})")

@@ -145,7 +145,7 @@ async def test_cancel_mid_utterance_frees_the_worker(single: EspeakSynthesizer) 
     stream = single.synthesize(SynthesisRequest(LONG))
     await anext(stream)
     await anext(stream)
-    await stream.aclose()
+    await stream.aclose()  # type: ignore[attr-defined]
     start = time.perf_counter()
     assert duration(await speak(single, "Next, please.")) > 0.5
     assert time.perf_counter() - start < 2.0  # the worker did not finish three minutes of speech first
@@ -210,7 +210,8 @@ async def test_a_consumer_that_stops_pulling_stops_the_worker(single: EspeakSynt
         async for _ in stream:
             rest += 1
     assert rest > 20 * window  # it was waiting, not finished
-    assert single.stats().chunks_received - before == rest + 1
+    # LONG runs past the default max_frames, so the stream stops with at most a window of chunks unused.
+    assert 0 <= single.stats().chunks_received - before - (rest + 1) <= window + 1
 
 
 async def test_health_reports_why_no_worker_starts() -> None:

@@ -84,7 +84,7 @@ async def test_output_is_deterministic() -> None:
     synth = await started(ttft_ms=0, frame_ms=0)
     request = {"speaker": 1, "voices": {1: VoiceRef("v1", "")}}
     a, b = await collect(synth, "Same text.", **request), await collect(synth, "Same text.", **request)
-    assert all(np.array_equal(x.pcm, y.pcm) and np.array_equal(x.codes, y.codes) for x, y in zip(a, b))
+    assert all(np.array_equal(x.pcm, y.pcm) and np.array_equal(x.codes, y.codes) for x, y in zip(a, b))  # type: ignore[arg-type]
     other = await collect(synth, "Other text.", **request)
     assert not np.array_equal(np.concatenate([c.codes for c in a]), np.concatenate([c.codes for c in other[:9]]))
 
