@@ -28,7 +28,9 @@ fi
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if [[ $mode == --test ]]; then
-  .venv/bin/python -m pip install -q -e '.[test]'
+  # the tests run the S2 Pro engine on the CPU: pin the CPU build of torch (an unpinned torch pulls CUDA wheels)
+  .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q 'torch==2.13.0'
+  .venv/bin/python -m pip install -q -e '.[model,test]'
 else
   .venv/bin/python -m pip install -q -e .
 fi
