@@ -22,7 +22,13 @@ def _stub(**options: object) -> Synthesizer:
     return StubSynthesizer(StubConfig(**options))  # type: ignore[arg-type]
 
 
-_FACTORIES: dict[str, Callable[..., Synthesizer]] = {"espeak": _espeak, "stub": _stub}
+def _s2pro(**options: object) -> Synthesizer:
+    from engine.dualar.synthesizer import DualARConfig, DualARSynthesizer  # torch only when asked for
+
+    return DualARSynthesizer(DualARConfig(**options))  # type: ignore[arg-type]
+
+
+_FACTORIES: dict[str, Callable[..., Synthesizer]] = {"espeak": _espeak, "stub": _stub, "s2pro": _s2pro}
 ENGINE_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 

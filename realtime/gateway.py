@@ -122,6 +122,14 @@ class Gateway:
 
 
 @dataclass
+class _Seg:
+    start_ms: float  # where its audio starts within the turn
+    text: str
+    speaker: int
+    codes: list[np.ndarray] = field(default_factory=list)  # (10, k) chunks, for engines with codes
+
+
+@dataclass
 class _Turn:
     """Gateway-side state of one turn: what was sent, when, and what to store."""
 
@@ -132,8 +140,7 @@ class _Turn:
     seq: int = 0
     sent_ms: float = 0.0  # audio enqueued for this turn
     engine_ms: float = 0.0  # audio produced by the engine for this turn
-    segments: list[tuple[float, str, int]] = field(default_factory=list)  # (start ms, text, speaker)
-    codes: list[np.ndarray] = field(default_factory=list)
+    segments: list[_Seg] = field(default_factory=list)  # segments whose audio started, in order
     encoder: AudioEncoder | None = None
     played_ms: float | None = None
     played: asyncio.Event = field(default_factory=asyncio.Event)
@@ -630,35 +637,39 @@ class Connection:
             state.ready_at = job.ready_at
         if state.encoder is None:
             state.encoder = AudioEncoder(self.output, self.gw.engine.info.sample_rate)
+        # max_frames bounds the whole turn: each segment gets what the earlier ones left
+        max_ms = self.sampling.max_frames * CODEC_FRAME_MS
+        left = max(1, round((max_ms - state.engine_ms) / CODEC_FRAME_MS))
         request = SynthesisRequest(
             text=job.text,
             speaker=job.speaker,
             voices=self._voice_refs(),
             history=self._past(state),
-            sampling=self.sampling,
+            sampling=replace(self.sampling, max_frames=min(left, self.sampling.max_frames)),
         )
-        max_ms = self.sampling.max_frames * CODEC_FRAME_MS
         rate = self.gw.engine.info.sample_rate
-        announced = False
+        seg: _Seg | None = None
         stream = self.gw.engine.synthesize(request)
         try:
             async for chunk in stream:
+                if seg is None:
+                    seg = _Seg(state.sent_ms, job.text, job.speaker)
+                    state.segments.append(seg)
+                    await self.outbox.put_audio(Segment(turn=state.turn, text=job.text, ms=round(state.sent_ms, 3)))
                 if chunk.codes is not None:
-                    state.codes.append(np.asarray(chunk.codes, dtype=np.int16))
+                    seg.codes.append(np.asarray(chunk.codes, dtype=np.int16))
                 pcm = chunk.pcm
                 if state.engine_ms + len(pcm) * 1000.0 / rate > max_ms:
                     pcm = pcm[: max(0, int((max_ms - state.engine_ms) * rate / 1000.0))]
                     state.length = True
                 state.engine_ms += len(pcm) * 1000.0 / rate
-                if not announced and len(pcm):
-                    announced = True
-                    state.segments.append((state.sent_ms, job.text, job.speaker))
-                    await self.outbox.put_audio(Segment(turn=state.turn, text=job.text, ms=round(state.sent_ms, 3)))
                 await self._emit(state, state.encoder.push(pcm))
                 if state.length:
                     break
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+        if state.engine_ms >= max_ms - CODEC_FRAME_MS / 2:  # the engine stopped at the limit, not by itself
+            state.length = True
         if state.length:
             await self._drain_encoder(state)
 
@@ -708,17 +719,18 @@ class Connection:
         """The turn as the conversation will remember it: a cancelled one cut at what the listener heard."""
         keep_ms = state.sent_ms
         segments = state.segments
-        codes = np.concatenate(state.codes, axis=1) if state.codes else None
+        chunks = [c for s in segments for c in s.codes]
+        codes = np.concatenate(chunks, axis=1) if chunks else None
         if reason == "cancelled":
             if state.played_ms is not None:
                 keep_ms = min(keep_ms, state.played_ms)
-            segments = [s for s in segments if s[0] < keep_ms]
+            segments = [s for s in segments if s.start_ms < keep_ms]
             if codes is not None:
                 codes = codes[:, : int(round(keep_ms / CODEC_FRAME_MS))]
         return Turn(
             index=state.turn,
             speaker=state.speaker,
-            text=" ".join(s[1] for s in segments),
+            text=" ".join(s.text for s in segments),
             state=reason,
             audio_ms=int(round(keep_ms)),
             codes=codes,
@@ -771,7 +783,8 @@ class Connection:
 
     def _past(self, state: _Turn) -> list[PastTurn]:
         past = [PastTurn(t.speaker, t.text, t.codes) for t in self.history if t.text]
-        past += [PastTurn(speaker, text) for _, text, speaker in state.segments]
+        for s in state.segments:  # earlier segments of this turn, with their audio, so prosody runs on
+            past.append(PastTurn(s.speaker, s.text, np.concatenate(s.codes, axis=1) if s.codes else None))
         return past
 
 

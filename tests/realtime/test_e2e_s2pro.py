@@ -1,0 +1,114 @@
+"""`shoal serve --model` end to end with the tiny S2 Pro fixture: codes stored per turn, history in the prompt,
+voices encoded once (cloning). The fixture's weights are random, so only structure and numbers are checked."""
+
+from __future__ import annotations
+
+import io
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sessions.embedded import EmbeddedRedis
+from sessions.store import SessionStore
+from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.realtime.conftest import Client, Server, start_server
+from tests.realtime.test_e2e import speak
+
+pytestmark = requires_fixtures
+FRAME_MS = 1000 * 2048 / 44100
+SAMPLING = {"temperature": 0.7, "seed": 7, "max_frames": 10}
+
+
+@pytest.fixture
+def s2(tmp_path: Path):
+    srv = start_server(tmp_path / "data", "--model", str(MODEL_DIR), "--codec", str(FIXTURES / "codec" / "codec.pth"),
+                       timeout=120)
+    yield srv
+    srv.stop()
+
+
+async def stored_turns(srv: Server, sid: str):
+    store = SessionStore(EmbeddedRedis(srv.data_dir).url)
+    await store.connect()
+    try:
+        return await store.load_turns(sid)
+    finally:
+        await store.aclose()
+
+
+async def test_turns_stream_and_store_their_codes_with_history_in_the_prompt(s2: Server) -> None:
+    a = await Client.connect(s2.url)
+    ready = await a.start(sampling=SAMPLING)
+    assert ready["engine"]["name"] == "s2pro" and ready["engine"]["cloning"] is True
+    assert ready["engine"]["sample_rate"] == 44100
+    done0, msgs0 = await speak(a, ["Hello there."], 0)
+    done1, _ = await speak(a, ["And again."], 1)
+    for done in (done0, done1):
+        assert done["reason"] == "length"  # random weights never say <|im_end|>: the frame limit ends the turn
+        assert done["audio_ms"] == pytest.approx(10 * FRAME_MS, abs=20.0)  # 10 frames, padded to 20 ms packets
+    await a.close()
+    turns = await stored_turns(s2, ready["session"])
+    assert [t.speaker for t in turns] == [0, 1]
+    assert all(t.codes is not None and t.codes.shape == (10, 10) for t in turns)
+    # the same text with the same seed in a fresh session (no history) gives other codes: history was in the prompt
+    b = await Client.connect(s2.url)
+    fresh = await b.start(sampling=SAMPLING)
+    await speak(b, ["And again."], 1)
+    await b.close()
+    alone = (await stored_turns(s2, fresh["session"]))[0]
+    assert not np.array_equal(alone.codes, turns[1].codes)
+
+
+async def test_voice_create_encodes_the_reference_once(s2: Server) -> None:
+    client = await Client.connect(s2.url)
+    await client.start(sampling=SAMPLING)
+    rate = 44100
+    t = np.arange(rate * 2) / rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 180 * t) * 32767).astype("<i2").tobytes())
+    await client.send(type="voice.create", voice="ref", audio=buf.getvalue(), text="A steady tone.")
+    created, _ = await client.until("voice.created", timeout=60)
+    assert created["frames"] == int(np.ceil(2 * rate / 2048))
+    await client.send(type="session.update", speakers=[{"speaker": 0, "voice": "ref"}])
+    await client.until("session.ready")
+    done, _ = await speak(client, ["In the reference voice."], 0)
+    assert done["reason"] == "length" and done["frames"] > 0
+    await client.close()
+
+
+async def test_cancel_cuts_the_stored_codes_frame_exactly(s2: Server) -> None:
+    client = await Client.connect(s2.url)
+    ready = await client.start(sampling={"temperature": 0.7, "seed": 1, "max_frames": 400})
+    await client.send(type="text", text="A long one.")
+    await client.send(type="turn.end")
+    while (await client.until("audio", timeout=60))[0]["ms"] < 10 * FRAME_MS:
+        pass  # let the server send well past what the listener will report
+    await client.send(type="playback", turn=0, played_ms=3 * FRAME_MS)
+    await client.send(type="cancel")
+    done, _ = await client.until("turn.done", timeout=30)
+    assert done["reason"] == "cancelled"
+    await client.close()
+    turn = (await stored_turns(s2, ready["session"]))[0]
+    assert (turn.state, turn.codes.shape, turn.audio_ms) == ("cancelled", (10, 3), round(3 * FRAME_MS)), done
+
+
+def test_serve_with_a_broken_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text((MODEL_DIR / "config.json").read_text())
+    base = [sys.executable, "-m", "realtime", "serve", "--port", "0", "--model", str(bad), "--data-dir", str(tmp_path)]
+    no_codec = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert no_codec.returncode == 2 and "codec.pth not found" in no_codec.stderr
+    codec = ["--codec", str(FIXTURES / "codec" / "codec.pth")]
+    no_weights = subprocess.run(base + codec, capture_output=True, text=True, timeout=60)
+    assert no_weights.returncode == 2 and "Traceback" not in no_weights.stderr
+    assert "error" in no_weights.stderr and str(bad) in no_weights.stderr
