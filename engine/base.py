@@ -8,6 +8,7 @@ step. Engines never see the store or the wire: they get plain, immutable context
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ __all__ = [
     "SynthesisRequest",
     "Synthesizer",
     "VoiceRef",
+    "engine_stats",
 ]
 
 
@@ -97,6 +99,7 @@ class SynthesisRequest:
     voices: Mapping[int, VoiceRef] = field(default_factory=dict)  # speaker index -> voice in use
     history: Sequence[PastTurn] = ()  # oldest first
     sampling: Sampling = field(default_factory=Sampling)
+    session: str | None = None  # the conversation this belongs to: routing key for worker pools, never content
 
 
 @dataclass(frozen=True)
@@ -126,3 +129,20 @@ class Synthesizer(Protocol):
 
     async def encode_voice(self, pcm: np.ndarray, sample_rate: int, text: str) -> np.ndarray | None:
         """Turn reference audio (float32 mono) into codes once, at registration. None if the engine cannot clone."""
+
+
+def engine_stats(engine: Synthesizer) -> Mapping[str, float]:
+    """An engine's counters for /metrics (prefix cache hits, bytes held, ...), if it has a ``stats()`` method.
+
+    Optional part of the interface: ``stats() -> Mapping[str, float]``, names in snake_case, cumulative counts
+    ending in ``_total``, the rest gauges.
+    """
+    stats = getattr(engine, "stats", None)
+    if not callable(stats):
+        return {}
+    found = stats()
+    if dataclasses.is_dataclass(found) and not isinstance(found, type):
+        found = dataclasses.asdict(found)
+    if not isinstance(found, Mapping):
+        return {}
+    return {k: float(v) for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

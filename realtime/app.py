@@ -14,7 +14,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from engine.base import Synthesizer
+from engine.base import Synthesizer, engine_stats
 from realtime.config import ServerConfig
 from realtime.gateway import Gateway
 from realtime.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -28,6 +28,7 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 def create_app(config: ServerConfig, engine: Synthesizer, store: SessionStore) -> Starlette:
     """An app serving protocol v1 at /v1/realtime. Engine and store are started and closed by its lifespan."""
     metrics = Metrics()
+    metrics.add_engine(lambda: engine_stats(engine))
     gateway = Gateway(config, engine, store, metrics)
 
     @contextlib.asynccontextmanager

@@ -646,6 +646,7 @@ class Connection:
             voices=self._voice_refs(),
             history=self._past(state),
             sampling=replace(self.sampling, max_frames=min(left, self.sampling.max_frames)),
+            session=self.session.id,
         )
         rate = self.gw.engine.info.sample_rate
         seg: _Seg | None = None

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -24,5 +28,24 @@ class Metrics:
         self.errors = Counter("shoal_errors", "Error messages sent, by code", ["code"], registry=r)
         self.voices = Counter("shoal_voices_created", "Reference voices registered", registry=r)
 
+    def add_engine(self, stats: Callable[[], Mapping[str, float]]) -> None:
+        """Export an engine's own counters (prefix cache, scheduler) as ``shoal_engine_*`` at scrape time."""
+        self.registry.register(_EngineCollector(stats))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], Mapping[str, float]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        for key, value in sorted(self._stats().items()):
+            name = f"shoal_engine_{key}"
+            if key.endswith("_total"):
+                family: Metric = CounterMetricFamily(name[: -len("_total")], f"engine counter {key}")
+            else:
+                family = GaugeMetricFamily(name, f"engine gauge {key}")
+            family.add_metric([], float(value))
+            yield family
