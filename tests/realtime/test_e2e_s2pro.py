@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from realtime.audio import decode_opus
 from sessions.embedded import EmbeddedRedis
 from sessions.store import SessionStore
 from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
@@ -45,12 +46,17 @@ async def test_turns_stream_and_store_their_codes_with_history_in_the_prompt(s2:
     assert ready["engine"]["sample_rate"] == 44100
     done0, msgs0 = await speak(a, ["Hello there."], 0)
     done1, _ = await speak(a, ["And again."], 1)
-    for done in (done0, done1):
+    done2, msgs2 = await speak(a, ["Third ", "time."], 0)
+    for done in (done0, done1, done2):
         assert done["reason"] == "length"  # random weights never say <|im_end|>: the frame limit ends the turn
         assert done["audio_ms"] == pytest.approx(10 * FRAME_MS, abs=20.0)  # 10 frames, padded to 20 ms packets
+    for msgs in (msgs0, msgs2):
+        pcm = decode_opus([m["data"] for m in msgs if m["type"] == "audio"])
+        assert len(pcm) / 48000 == pytest.approx(10 * FRAME_MS / 1000, abs=0.03)
+        assert float(np.sqrt(np.mean(pcm**2))) > 0.01  # the codec's (noise-like) audio, not silence
     await a.close()
     turns = await stored_turns(s2, ready["session"])
-    assert [t.speaker for t in turns] == [0, 1]
+    assert [t.speaker for t in turns] == [0, 1, 0]
     assert all(t.codes is not None and t.codes.shape == (10, 10) for t in turns)
     # the same text with the same seed in a fresh session (no history) gives other codes: history was in the prompt
     b = await Client.connect(s2.url)
