@@ -1,0 +1,697 @@
+// The voice chat page: wires the protocol connection, the player, the microphone and the page together, and
+// exposes `window.shoal` for automation (say / cancel / stats).
+//
+// Page address options: ?session=ID resumes a session (the page keeps it there, so a reload resumes),
+// ?token=KEY for a server started with --api-key, ?wire=json for JSON text frames instead of msgpack,
+// ?codec=pcm16 to skip WebCodecs and take PCM16 (what a browser without WebCodecs Opus gets anyway).
+
+import { Connection } from "./connection.js";
+import { FRAME_MS, Mic, Recorder, SpeechDetector, levelDb } from "./mic.js";
+import { JITTER_MAX_MS, JITTER_TARGET_MS, Player, opusSupported } from "./player.js";
+import { MAX_SPEAKER, MAX_SPEAKERS } from "./protocol.js";
+import { Transcript } from "./transcript.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const VOICES_KEY = "shoal.voices";
+const TOKEN_MS = 40; // "stream as tokens": one word every 40 ms, about an LLM's pace
+const VOICE_MAX_S = 30; // recording stops by itself here
+const VOICE_MIN_S = 10; // below this, registering warns (the server takes 1-60 s)
+
+const state = {
+  session: params.get("session"),
+  engine: null,
+  output: null,
+  speakers: [{ speaker: 0, voice: null }, { speaker: 1, voice: null }],
+  confirmedSpeakers: null, // as the server last confirmed them (a refused session.update goes back to these)
+  ready: false, // session.ready received on this connection
+  resumed: false,
+  serverTurns: 0,
+  expectReady: "start", // what the next session.ready answers: "start" or "update"
+  maxTurn: -1, // highest turn index seen
+  active: new Map(), // turn -> {speaker, t0, firstAudioMs, pending}
+  queued: new Set(), // turns asked for, not yet being sent (behind a turn streamed token by token)
+  waiting: [], // turns sent, turn.started not yet received: {text, speaker, t0, resolve, sent, cancelled}
+  streaming: null, // {aborted} while a turn is being sent token by token
+  sendChain: Promise.resolve(),
+  turnsDone: 0,
+  lastDone: null,
+  clientTtfaMs: null,
+  bargeIns: 0,
+  playbackReports: [], // the last playback messages sent: {turn, played_ms}
+  errors: [],
+  voices: loadVoices(),
+  voiceAudio: null, // bytes to register
+  registering: false,
+};
+
+// ------------------------------------------------------------------------------------------------ pieces
+
+const player = new Player({
+  targetMs: JITTER_TARGET_MS,
+  maxMs: JITTER_MAX_MS,
+  onStatus: (status) => transcript.highlight(status.turn, status.playedMs, status.state === "playing"),
+  onError: (text) => log(text, "error"),
+});
+const transcript = new Transcript($("transcript"), { speakerLabel: speakerLabel });
+let codec = "opus";
+let conn = null;
+
+function wsUrl() {
+  const url = new URL("/v1/realtime", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (params.get("token")) url.searchParams.set("token", params.get("token"));
+  return url.href;
+}
+
+function outputRequest() {
+  return codec === "opus"
+    ? { codec: "opus", sample_rate: 48000, frame_ms: 20 }
+    : { codec: "pcm16", sample_rate: 24000, frame_ms: 20 };
+}
+
+function hello() {
+  state.ready = false;
+  state.expectReady = "start";
+  const msg = { type: "session.start", output: outputRequest() };
+  if (state.session) msg.session = state.session;
+  else msg.speakers = state.speakers;
+  return msg;
+}
+
+// ------------------------------------------------------------------------------------------------ messages
+
+function onMessage(msg) {
+  switch (msg.type) {
+    case "session.ready":
+      return onReady(msg);
+    case "turn.started":
+      return onTurnStarted(msg);
+    case "segment":
+      return transcript.addSegment(msg.turn, msg.text, msg.ms);
+    case "audio":
+      return onAudio(msg);
+    case "turn.done":
+      return onTurnDone(msg);
+    case "voice.created":
+      return onVoiceCreated(msg);
+    case "error":
+      return onError(msg);
+    case "pong":
+      return undefined;
+    default:
+      log(`unknown message type ${msg.type}`, "error");
+  }
+}
+
+async function onReady(msg) {
+  const answer = state.expectReady;
+  state.expectReady = "start";
+  state.engine = msg.engine;
+  state.output = msg.output;
+  if (msg.speakers.length) state.speakers = msg.speakers.map((s) => ({ speaker: s.speaker, voice: s.voice ?? null }));
+  state.confirmedSpeakers = state.speakers;
+  if (answer === "start") {
+    if (state.session !== msg.session) player.minTurn = 0; // a new session: turn numbers start again
+    state.session = msg.session;
+    state.resumed = msg.resumed;
+    state.serverTurns = msg.turns;
+    state.maxTurn = Math.max(state.maxTurn, msg.turns - 1);
+    const url = new URL(location.href);
+    url.searchParams.set("session", msg.session);
+    history.replaceState(null, "", url);
+    $("session-id").textContent = msg.session;
+    if (transcript.session !== msg.session) transcript.load(msg.session, msg.turns);
+    log(`${msg.resumed ? "resumed" : "started"} session ${msg.session} (${msg.turns} turns stored), engine ${msg.engine.name}`);
+    conn.established();
+  } else {
+    log("session updated");
+  }
+  await player.configure(msg.output);
+  state.ready = true;
+  renderSpeakers();
+  renderEngine();
+  setConn("connected", "connected");
+}
+
+function onTurnStarted(msg) {
+  state.maxTurn = Math.max(state.maxTurn, msg.turn);
+  const pending = state.waiting.shift() ?? null;
+  if (pending?.cancelled) player.minTurn = Math.max(player.minTurn, msg.turn + 1); // stopped before it began
+  state.active.set(msg.turn, { speaker: msg.speaker, t0: pending?.t0 ?? performance.now(), firstAudioMs: null, pending });
+  transcript.startTurn(msg.turn, msg.speaker, pending?.text ?? "");
+}
+
+function onAudio(msg) {
+  const turn = state.active.get(msg.turn);
+  if (turn && turn.firstAudioMs === null) {
+    turn.firstAudioMs = performance.now() - turn.t0;
+    state.clientTtfaMs = turn.firstAudioMs;
+  }
+  player.push(msg);
+}
+
+function onTurnDone(msg) {
+  const turn = state.active.get(msg.turn);
+  state.active.delete(msg.turn);
+  player.endTurn(msg.turn);
+  state.turnsDone += 1;
+  state.serverTurns = Math.max(state.serverTurns, msg.turn + 1);
+  state.lastDone = msg;
+  transcript.done(msg.turn, msg, turn?.firstAudioMs ?? null);
+  log(`turn ${msg.turn} ${msg.reason}: ${(msg.audio_ms / 1000).toFixed(2)} s in ${msg.frames} packets, TTFA ${fmtMs(msg.ttfa_ms)}`);
+  turn?.pending?.resolve?.(msg);
+}
+
+function onError(msg) {
+  state.errors.push(msg);
+  const text = `${msg.fatal ? "fatal " : ""}error ${msg.code}: ${msg.message}`;
+  log(text, "error");
+  showBanner(text);
+  if (state.expectReady === "update" && !msg.fatal) {
+    // most likely the answer to our session.update (an unknown voice, a turn under way): back to what holds
+    state.expectReady = "start";
+    if (state.confirmedSpeakers) state.speakers = state.confirmedSpeakers;
+    renderSpeakers();
+  }
+  if (state.registering) {
+    state.registering = false;
+    setVoiceStatus(`not registered: ${msg.message}`);
+    updateRegisterButton();
+  }
+}
+
+function onOpen() {
+  setConn("connecting", "starting session…");
+}
+
+function onClose(event) {
+  const { code, reason, retryMs } = event.detail;
+  state.ready = false;
+  // turns in flight are over: the server stores them cut at what it had sent
+  for (const [turn, info] of state.active) {
+    player.endTurn(turn);
+    info.pending?.resolve?.({ type: "turn.done", turn, reason: "disconnected" });
+  }
+  for (const pending of state.waiting) pending.resolve?.({ type: "turn.done", turn: null, reason: "disconnected" });
+  state.active.clear();
+  state.waiting = [];
+  if (state.streaming) state.streaming.aborted = true;
+  transcript.interruptOpen();
+  const why = `closed (${code}${reason ? `: ${reason}` : ""})`;
+  if (retryMs === null) {
+    setConn("closed", `disconnected ${why}`);
+    log(`connection ${why}`, "error");
+    const last = state.errors.at(-1);
+    const cause = last?.fatal ? ` after error ${last.code}: ${last.message}` : "";
+    showBanner(`Disconnected ${why}${cause}. Reload the page to try again.`);
+  } else {
+    setConn("reconnecting", `reconnecting in ${(retryMs / 1000).toFixed(1)} s`);
+    log(`connection ${why}; reconnecting in ${(retryMs / 1000).toFixed(1)} s`, code === 1000 ? "" : "error");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ turns
+
+function currentSpeaker() {
+  return Number($("speaker").value || 0);
+}
+
+/** Send one whole turn; resolves with its turn.done (reason "disconnected" if the connection drops first). */
+function say(text, speaker = currentSpeaker(), { tokens = false } = {}) {
+  if (typeof text !== "string" || !text.trim()) return Promise.reject(new Error("nothing to say"));
+  if (!state.ready || !conn.open) return Promise.reject(new Error("not connected"));
+  player.resume();
+  const pending = { text, speaker, t0: 0, sent: false, cancelled: false };
+  const done = new Promise((resolve) => (pending.resolve = resolve));
+  state.queued.add(pending);
+  // one turn at a time on the wire: a turn streamed token by token finishes sending before the next begins
+  state.sendChain = state.sendChain.then(() => sendTurn(pending, tokens)).catch((exc) => {
+    log(`could not send: ${exc.message}`, "error");
+    showBanner(exc.message);
+    pending.resolve({ type: "turn.done", turn: null, reason: "error" });
+  });
+  return done;
+}
+
+async function sendTurn(pending, tokens) {
+  state.queued.delete(pending);
+  if (pending.cancelled || !conn.open) {
+    return pending.resolve({ type: "turn.done", turn: null, reason: pending.cancelled ? "cancelled" : "disconnected" });
+  }
+  state.waiting.push(pending);
+  pending.t0 = performance.now();
+  if (!tokens) {
+    conn.send({ type: "text", text: pending.text, speaker: pending.speaker });
+    pending.sent = true;
+    conn.send({ type: "turn.end" });
+    return;
+  }
+  const stream = (state.streaming = { aborted: false });
+  try {
+    const words = pending.text.match(/\s*\S+/g) ?? [];
+    for (let i = 0; i < words.length; i++) {
+      if (stream.aborted) break;
+      if (i) await sleep(TOKEN_MS);
+      if (stream.aborted) break;
+      conn.send({ type: "text", text: words[i], speaker: pending.speaker });
+      pending.sent = true;
+    }
+    if (!stream.aborted) conn.send({ type: "turn.end" });
+  } finally {
+    if (state.streaming === stream) state.streaming = null;
+  }
+  if (!pending.sent) {
+    // stopped before its first word: the server never saw it
+    state.waiting = state.waiting.filter((p) => p !== pending);
+    pending.resolve({ type: "turn.done", turn: null, reason: "cancelled" });
+  }
+}
+
+function somethingToStop() {
+  return (
+    state.active.size > 0 || state.waiting.length > 0 || state.queued.size > 0 || state.streaming !== null ||
+    player.status.state !== "idle"
+  );
+}
+
+/** Barge-in: stop the voice now, tell the server, report how much of each turn was heard. */
+async function cancel(source = "stop") {
+  player.resume();
+  if (!somethingToStop()) return false;
+  if (state.streaming) state.streaming.aborted = true;
+  for (const pending of [...state.waiting, ...state.queued]) pending.cancelled = true;
+  const turns = new Set(state.active.keys());
+  const playingTurn = player.status.state !== "idle" ? player.status.turn : null;
+  if (playingTurn !== null) turns.add(playingTurn);
+  if (conn.open) conn.send({ type: "cancel" });
+  const played = await player.clear(state.maxTurn + 1);
+  for (const turn of [...turns].sort((a, b) => a - b)) {
+    const ms = Math.round((played[turn] ?? 0) * 10) / 10;
+    if (conn.open && conn.send({ type: "playback", turn, played_ms: ms })) {
+      state.playbackReports = [...state.playbackReports.slice(-9), { turn, played_ms: ms }];
+    }
+    transcript.cut(turn, ms);
+  }
+  if (source === "voice") state.bargeIns += 1;
+  log(`stopped (${source})${turns.size ? `: heard ${[...turns].map((t) => `turn ${t} ${fmtMs(played[t] ?? 0)}`).join(", ")}` : ""}`);
+  return true;
+}
+
+// ------------------------------------------------------------------------------------------------ speakers & voices
+
+function speakerLabel(n) {
+  const s = state.speakers.find((x) => x.speaker === n);
+  return `Speaker ${n}${s?.voice ? ` (${s.voice})` : ""}`;
+}
+
+function renderSpeakers() {
+  const pick = $("speaker");
+  const chosen = pick.value;
+  pick.replaceChildren(...state.speakers.map((s) => new Option(`Speaker ${s.speaker}`, String(s.speaker))));
+  if ([...pick.options].some((o) => o.value === chosen)) pick.value = chosen;
+  const list = $("speakers");
+  list.replaceChildren(
+    ...state.speakers.map((s) => {
+      const li = document.createElement("li");
+      li.style.setProperty("--c", `var(--s${s.speaker % 8})`);
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = `Speaker ${s.speaker}`;
+      const select = document.createElement("select");
+      select.setAttribute("aria-label", `Voice of speaker ${s.speaker}`);
+      select.dataset.speaker = s.speaker;
+      const builtin = state.engine && !state.engine.cloning ? "built-in voice" : "default voice";
+      const ids = new Set(state.voices.map((v) => v.voice));
+      if (s.voice) ids.add(s.voice);
+      select.append(new Option(builtin, ""), ...[...ids].map((id) => new Option(id, id)));
+      select.value = s.voice ?? "";
+      select.onchange = () => updateSpeakers(state.speakers.map((x) => (x.speaker === s.speaker ? { ...x, voice: select.value || null } : x)));
+      li.append(swatch, label, select);
+      if (state.speakers.length > 1) {
+        const remove = document.createElement("button");
+        remove.type = "button";
+        remove.className = "ghost small";
+        remove.textContent = "✕";
+        remove.title = `Remove speaker ${s.speaker}`;
+        remove.onclick = () => updateSpeakers(state.speakers.filter((x) => x.speaker !== s.speaker));
+        li.append(remove);
+      }
+      return li;
+    }),
+  );
+  $("add-speaker").disabled = state.speakers.length >= MAX_SPEAKERS;
+}
+
+function updateSpeakers(speakers) {
+  if (state.active.size || state.waiting.length) {
+    showBanner("Voices can change between turns: wait for the current turn to finish (or stop it).");
+    renderSpeakers();
+    return;
+  }
+  if (!state.ready) return;
+  state.expectReady = "update";
+  conn.send({ type: "session.update", speakers });
+  state.speakers = speakers; // the server's session.ready confirms (or an error says why not)
+  renderSpeakers();
+}
+
+function loadVoices() {
+  try {
+    const voices = JSON.parse(localStorage.getItem(VOICES_KEY) || "[]");
+    return Array.isArray(voices) ? voices.filter((v) => typeof v?.voice === "string") : [];
+  } catch {
+    return [];
+  }
+}
+
+function renderVoices() {
+  $("voices").replaceChildren(
+    ...state.voices.map((v) => {
+      const li = document.createElement("li");
+      const code = document.createElement("code");
+      code.textContent = v.voice;
+      li.append(code, ` · ${v.seconds.toFixed(1)} s reference`);
+      return li;
+    }),
+  );
+}
+
+function onVoiceCreated(msg) {
+  state.registering = false;
+  state.voices = [{ voice: msg.voice, seconds: msg.seconds }, ...state.voices.filter((v) => v.voice !== msg.voice)].slice(0, 50);
+  localStorage.setItem(VOICES_KEY, JSON.stringify(state.voices));
+  const cloning = state.engine?.cloning;
+  setVoiceStatus(`Registered ${msg.voice} (${msg.seconds.toFixed(1)} s).${cloning ? "" : " The built-in voice gives it a voice of its own."}`);
+  log(`voice ${msg.voice} registered: ${msg.seconds.toFixed(1)} s, ${msg.frames} codec frames`);
+  renderVoices();
+  renderSpeakers();
+  updateRegisterButton();
+}
+
+let recording = null; // {mic, recorder}
+
+async function toggleRecording() {
+  if (recording) return stopRecording();
+  player.resume();
+  const ctx = player.context;
+  if (!ctx) return showBanner("Connect first: recording uses the page's audio engine.");
+  const recorder = new Recorder(ctx.sampleRate);
+  const mic = new Mic(ctx, {
+    constraints: { echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+    onFrame: (frame) => {
+      recorder.push(frame);
+      setMeter($("voice-level"), levelDb(frame));
+      $("voice-timer").textContent = `${recorder.seconds.toFixed(1)} s`;
+      if (recorder.seconds >= VOICE_MAX_S) stopRecording();
+    },
+  });
+  recording = { mic, recorder };
+  try {
+    await mic.start();
+  } catch (exc) {
+    recording = null;
+    showBanner(`Microphone: ${exc.message}`);
+    return;
+  }
+  $("voice-record").textContent = "■ Stop";
+  $("voice-record").classList.add("recording");
+  setVoiceStatus("recording… read the transcript aloud");
+}
+
+function stopRecording() {
+  if (!recording) return;
+  const { mic, recorder } = recording;
+  recording = null;
+  mic.stop();
+  $("voice-record").textContent = "● Record";
+  $("voice-record").classList.remove("recording");
+  setMeter($("voice-level"), -100);
+  if (recorder.samples === 0) return setVoiceStatus("nothing recorded");
+  setVoiceAudio(recorder.wav(), `recorded ${recorder.seconds.toFixed(1)} s, peak ${Math.round(recorder.peakDb)} dBFS${recorder.peakDb < -40 ? " (very quiet: check the microphone)" : ""}${recorder.seconds < VOICE_MIN_S ? ` — ${VOICE_MIN_S}–${VOICE_MAX_S} s works best` : ""}`);
+}
+
+function setVoiceAudio(bytes, status) {
+  state.voiceAudio = bytes;
+  const preview = $("voice-preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(new Blob([bytes]));
+  preview.hidden = false;
+  setVoiceStatus(status);
+  updateRegisterButton();
+}
+
+function registerVoice() {
+  const text = $("voice-text").value.trim();
+  const id = $("voice-id").value.trim();
+  if (!state.voiceAudio || !text || !state.ready) return;
+  const msg = { type: "voice.create", audio: state.voiceAudio, text };
+  if (id) msg.voice = id;
+  try {
+    conn.send(msg);
+  } catch (exc) {
+    return setVoiceStatus(exc.message);
+  }
+  state.registering = true;
+  setVoiceStatus("registering…");
+  updateRegisterButton();
+}
+
+function updateRegisterButton() {
+  $("voice-register").disabled = !state.voiceAudio || !$("voice-text").value.trim() || state.registering || !state.ready;
+}
+
+function setVoiceStatus(text) {
+  $("voice-status").textContent = text;
+}
+
+// ------------------------------------------------------------------------------------------------ mic barge-in
+
+let bargeMic = null;
+const detector = new SpeechDetector({
+  onSpeech: () => {
+    $("mic-meter").classList.add("speech");
+    if (somethingToStop()) cancel("voice");
+  },
+});
+
+async function setBargeIn(on) {
+  if (!on) {
+    bargeMic?.stop();
+    bargeMic = null;
+    $("mic-meter").hidden = true;
+    return;
+  }
+  const ctx = player.context;
+  if (!ctx) {
+    $("mic-bargein").checked = false;
+    return showBanner("Connect first: the microphone uses the page's audio engine.");
+  }
+  bargeMic = new Mic(ctx, {
+    constraints: { echoCancellation: true, noiseSuppression: true, autoGainControl: false },
+    onFrame: (frame) => {
+      detector.push(frame);
+      setMeter($("mic-level"), detector.levelDb);
+      if (!detector.speaking) $("mic-meter").classList.remove("speech");
+    },
+  });
+  try {
+    await bargeMic.start();
+    $("mic-meter").hidden = false;
+    log(`mic barge-in on: energy detector, ${FRAME_MS} ms frames`);
+  } catch (exc) {
+    bargeMic = null;
+    $("mic-bargein").checked = false;
+    showBanner(`Microphone: ${exc.message}`);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ page
+
+function setConn(kind, text) {
+  $("conn").dataset.state = kind;
+  $("conn-text").textContent = text;
+}
+
+function showBanner(text) {
+  $("banner-text").textContent = text;
+  $("banner").hidden = false;
+}
+
+function log(text, kind = "") {
+  const li = document.createElement("li");
+  if (kind) li.className = kind;
+  const time = document.createElement("time");
+  time.textContent = new Date().toLocaleTimeString([], { hour12: false });
+  li.append(time, text);
+  const list = $("log");
+  list.append(li);
+  while (list.children.length > 200) list.firstChild.remove();
+  list.scrollTop = list.scrollHeight;
+}
+
+function setMeter(el, db) {
+  el.style.width = `${Math.max(0, Math.min(100, ((db + 70) / 60) * 100))}%`;
+}
+
+function fmtMs(ms) {
+  return ms === null || ms === undefined ? "—" : `${Math.round(ms)} ms`;
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function renderEngine() {
+  const e = state.engine;
+  $("st-engine").textContent = e ? `${e.name} · ${e.sample_rate / 1000} kHz` : "—";
+  const o = state.output;
+  $("st-codec").textContent = o ? `${o.codec === "opus" ? "Opus" : o.codec.toUpperCase()} · ${o.sample_rate / 1000} kHz · ${o.frame_ms} ms` : "—";
+  const note = $("cloning-note");
+  note.hidden = !e || e.cloning;
+  note.textContent = e && !e.cloning
+    ? `This server speaks with the built-in voice (${e.name}), which cannot clone voices. You can still register one: it gets a stable, distinct built-in voice of its own, and a cloning engine (S2 Pro) will speak in the recorded voice.`
+    : "";
+}
+
+function renderStats() {
+  const s = stats();
+  $("st-ttfa").textContent = fmtMs(s.ttfaMs);
+  $("st-client-ttfa").textContent = fmtMs(s.clientTtfaMs);
+  $("st-packets").textContent = String(s.packetsDecoded);
+  $("st-buffer").textContent = `${Math.round(s.bufferMs)} ms`;
+  $("st-buffer-bar").style.width = `${Math.min(100, (s.bufferMs / 2000) * 100)}%`;
+  $("st-underruns").textContent = String(s.underruns);
+  $("st-bitrate").textContent = s.bitrateKbps ? `${s.bitrateKbps.toFixed(1)} kbit/s` : "—";
+  $("st-turns").textContent = String(s.turnsDone);
+  $("st-reason").textContent = s.reason ?? "—";
+}
+
+/** The stats panel's numbers (and a little more), for people and for tests. */
+function stats() {
+  const st = player.status;
+  return {
+    connected: state.ready && conn !== null && conn.open,
+    session: state.session,
+    resumed: state.resumed,
+    turns: state.serverTurns, // turns the session has (stored or under way)
+    engine: state.engine?.name ?? null,
+    codec: state.output?.codec ?? null,
+    ttfaMs: state.lastDone?.ttfa_ms ?? null, // server-measured, last finished turn
+    clientTtfaMs: state.clientTtfaMs, // first text sent -> first audio received, last turn
+    packetsReceived: player.packetsReceived,
+    packetsDecoded: player.packetsDecoded,
+    bufferMs: st.bufferMs,
+    underruns: st.underruns,
+    playbackStarts: st.starts, // 1 for turns played back to back with no gap
+    droppedMs: st.droppedMs,
+    playback: st.state, // idle | filling | playing
+    playedMs: Object.values(st.played ?? {}).reduce((a, b) => a + b, 0),
+    bitrateKbps: player.bitrateKbps,
+    turnsDone: state.turnsDone,
+    reason: state.lastDone?.reason ?? null,
+    bargeIns: state.bargeIns,
+    playbackReports: state.playbackReports,
+    errors: state.errors.map((e) => ({ code: e.code, message: e.message, fatal: e.fatal })),
+  };
+}
+
+function insertTag(tag) {
+  const box = $("text");
+  const start = box.selectionStart ?? box.value.length;
+  const end = box.selectionEnd ?? start;
+  const before = box.value.slice(0, start);
+  const pad = before && !/\s$/.test(before) ? " " : "";
+  const insert = `${pad}${tag} `;
+  box.setRangeText(insert, start, end, "end");
+  box.focus();
+}
+
+function submit() {
+  const text = $("text").value;
+  if (!text.trim()) return;
+  if (!state.ready) return showBanner("Not connected yet: the text is kept, send it again once connected.");
+  $("text").value = "";
+  say(text, currentSpeaker(), { tokens: $("stream-tokens").checked });
+}
+
+async function main() {
+  const forced = params.get("codec");
+  codec = forced === "pcm16" || forced === "opus" ? forced : (await opusSupported()) ? "opus" : "pcm16";
+  const encoding = params.get("wire") === "json" ? "json" : "msgpack";
+  $("jitter-note").textContent = `Jitter buffer: playback starts at ${JITTER_TARGET_MS} ms queued, holds at most ${JITTER_MAX_MS / 1000} s. ` +
+    (codec === "opus" ? "Opus decoded with WebCodecs." : "PCM16 (no WebCodecs Opus here).") + ` Wire: ${encoding}.`;
+  renderSpeakers();
+  renderVoices();
+
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    submit();
+  });
+  $("text").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      submit();
+    }
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.preventDefault();
+      cancel("esc");
+    }
+  });
+  document.addEventListener("pointerdown", () => player.resume());
+  $("stop").addEventListener("click", () => cancel("stop"));
+  $("tags").addEventListener("click", (event) => {
+    const tag = event.target.closest("button")?.dataset.tag;
+    if (tag) insertTag(tag);
+  });
+  $("add-speaker").addEventListener("click", () => {
+    const used = new Set(state.speakers.map((s) => s.speaker));
+    let next = 0;
+    while (used.has(next) && next <= MAX_SPEAKER) next += 1;
+    if (next <= MAX_SPEAKER) updateSpeakers([...state.speakers, { speaker: next, voice: null }]);
+  });
+  $("new-session").addEventListener("click", () => {
+    const url = new URL(location.href);
+    url.searchParams.delete("session");
+    history.replaceState(null, "", url);
+    state.session = null;
+    state.speakers = [{ speaker: 0, voice: null }, { speaker: 1, voice: null }];
+    state.maxTurn = -1;
+    transcript.session = null;
+    transcript.clear();
+    player.clear(0); // silence now; the new session's session.ready resets the turn numbering
+    conn.reconnect();
+  });
+  $("banner-close").addEventListener("click", () => ($("banner").hidden = true));
+  $("mic-bargein").addEventListener("change", (event) => setBargeIn(event.target.checked));
+  $("voice-record").addEventListener("click", toggleRecording);
+  $("voice-file").addEventListener("change", async (event) => {
+    const file = event.target.files[0];
+    if (file) setVoiceAudio(new Uint8Array(await file.arrayBuffer()), `${file.name} (${Math.round(file.size / 1024)} KB)`);
+  });
+  $("voice-text").addEventListener("input", updateRegisterButton);
+  $("voice-register").addEventListener("click", registerVoice);
+
+  conn = new Connection(wsUrl(), { encoding, hello });
+  conn.addEventListener("open", onOpen);
+  conn.addEventListener("message", (event) => onMessage(event.detail));
+  conn.addEventListener("close", onClose);
+  conn.addEventListener("error", (event) => log(event.detail, "error"));
+  conn.connect();
+  setInterval(renderStats, 200);
+}
+
+window.shoal = {
+  say,
+  cancel: () => cancel("api"),
+  stats,
+};
+
+main().catch((exc) => {
+  log(`page failed to start: ${exc.message}`, "error");
+  showBanner(`The page failed to start: ${exc.message}`);
+});

@@ -1,0 +1,189 @@
+// Playback: wire audio -> PCM -> the jitter buffer in player-worklet.js -> speakers.
+//
+// Opus packets are decoded with WebCodecs' AudioDecoder; where WebCodecs (or its Opus) is missing the app asks the
+// server for PCM16 instead, which needs no decoder (mu-law is understood too). One AudioContext runs at the
+// stream's sample rate. Each turn is a fresh Opus stream on the server, so the decoder is flushed at the end of a
+// turn (its last samples reach the buffer before the turn's end marker) and reset on barge-in (queued packets are
+// dropped at once). Decoded audio is tagged with its turn through the chunk timestamp.
+
+export const JITTER_TARGET_MS = 120; // start (and restart after an underrun) once this much audio is queued
+export const JITTER_MAX_MS = 6000; // beyond this the oldest audio is dropped (server lead_ms is 1500 by default)
+
+const TURN_US = 2 ** 34; // chunk timestamp = turn * TURN_US + TURN_US / 2 + ms * 1000 (µs); TURN_US ≈ 4.8 h
+
+/** Whether this browser can decode Opus with WebCodecs (at 48 kHz mono, what the app asks for). */
+export async function opusSupported() {
+  if (typeof AudioDecoder === "undefined") return false;
+  try {
+    const { supported } = await AudioDecoder.isConfigSupported({ codec: "opus", sampleRate: 48000, numberOfChannels: 1 });
+    return supported === true;
+  } catch {
+    return false;
+  }
+}
+
+export class Player {
+  constructor({ targetMs = JITTER_TARGET_MS, maxMs = JITTER_MAX_MS, onStatus = () => {}, onError = () => {} } = {}) {
+    this.targetMs = targetMs;
+    this.maxMs = maxMs;
+    this.onStatus = onStatus;
+    this.onError = onError;
+    this.ctx = null;
+    this.node = null;
+    this.output = null; // the session's output settings (codec, sample_rate, ...)
+    this.decoder = null;
+    this.minTurn = 0; // audio of earlier turns is dropped (they were cancelled)
+    this.status = { bufferMs: 0, underruns: 0, starts: 0, droppedMs: 0, state: "idle", turn: null, playedMs: 0, played: {} };
+    this.packetsReceived = 0;
+    this.packetsDecoded = 0;
+    this.bytesReceived = 0;
+    this.audioMsReceived = 0;
+    this.decodeErrors = 0;
+    this._clears = new Map();
+    this._clearId = 0;
+  }
+
+  /** Prepare for a session's output format; (re)creates the AudioContext when the sample rate changes. */
+  async configure(output) {
+    this.output = output;
+    if (this.ctx === null || this.ctx.sampleRate !== output.sample_rate) {
+      if (this.ctx !== null) await this.ctx.close();
+      this.ctx = new AudioContext({ sampleRate: output.sample_rate, latencyHint: "interactive" });
+      await this.ctx.audioWorklet.addModule(new URL("./player-worklet.js", import.meta.url));
+      this.node = new AudioWorkletNode(this.ctx, "shoal-player", {
+        numberOfInputs: 0,
+        outputChannelCount: [1],
+        processorOptions: { targetMs: this.targetMs, maxMs: this.maxMs },
+      });
+      this.node.port.onmessage = (event) => this._onWorklet(event.data);
+      this.node.connect(this.ctx.destination);
+    }
+    this._resetDecoder();
+    this.resume();
+  }
+
+  /** Browsers start audio only after a user gesture (unless told otherwise): call from click/key handlers. */
+  resume() {
+    if (this.ctx !== null && this.ctx.state === "suspended") this.ctx.resume().catch(() => {});
+  }
+
+  get context() {
+    return this.ctx;
+  }
+
+  _resetDecoder() {
+    if (this.decoder !== null && this.decoder.state !== "closed") this.decoder.close();
+    this.decoder = null;
+    if (this.output === null || this.output.codec !== "opus") return;
+    this.decoder = new AudioDecoder({
+      output: (data) => this._onDecoded(data),
+      error: (exc) => {
+        this.decodeErrors += 1;
+        this.onError(`Opus decoder: ${exc.message}`);
+        this._resetDecoder(); // a closed decoder stays closed: make a new one for the packets to come
+      },
+    });
+    this.decoder.configure({ codec: "opus", sampleRate: this.output.sample_rate, numberOfChannels: 1 });
+  }
+
+  /** One `audio` message from the server. */
+  push(msg) {
+    if (msg.turn < this.minTurn || this.output === null) return;
+    this.packetsReceived += 1;
+    this.bytesReceived += msg.data.byteLength;
+    this.audioMsReceived += this.output.frame_ms;
+    const codec = this.output.codec;
+    if (codec === "opus") {
+      if (this.decoder === null || this.decoder.state !== "configured") this._resetDecoder();
+      const timestamp = msg.turn * TURN_US + TURN_US / 2 + Math.round(msg.ms * 1000);
+      this.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp, data: msg.data }));
+    } else {
+      const pcm = codec === "pcm16" ? pcm16ToFloat(msg.data) : mulawToFloat(msg.data);
+      this.packetsDecoded += 1;
+      this._post(msg.turn, pcm);
+    }
+  }
+
+  _onDecoded(data) {
+    const turn = Math.floor(data.timestamp / TURN_US);
+    try {
+      if (turn < this.minTurn) return;
+      const pcm = new Float32Array(data.numberOfFrames);
+      data.copyTo(pcm, { planeIndex: 0, format: "f32-planar" });
+      this.packetsDecoded += 1;
+      this._post(turn, pcm);
+    } finally {
+      data.close();
+    }
+  }
+
+  _post(turn, pcm) {
+    this.node.port.postMessage({ type: "samples", turn, data: pcm }, [pcm.buffer]);
+  }
+
+  /** The server finished the turn (`turn.done`): once its last samples are in the buffer, mark its end. */
+  async endTurn(turn) {
+    if (this.decoder !== null && this.decoder.state === "configured") {
+      try {
+        await this.decoder.flush();
+      } catch {
+        return; // reset by a barge-in meanwhile: clear() has ended the turn
+      }
+    }
+    this.node?.port.postMessage({ type: "end", turn });
+  }
+
+  /**
+   * Barge-in: silence within one render quantum, drop queued packets and audio of turns before `nextTurn`.
+   * Resolves with {turn: ms actually played} for the turns played so far.
+   */
+  clear(nextTurn) {
+    this.minTurn = Math.max(this.minTurn, nextTurn);
+    this._resetDecoder();
+    if (this.node === null) return Promise.resolve({});
+    const id = ++this._clearId;
+    return new Promise((resolve) => {
+      this._clears.set(id, resolve);
+      this.node.port.postMessage({ type: "clear", id });
+    });
+  }
+
+  _onWorklet(msg) {
+    if (msg.type === "status") {
+      this.status = msg;
+      this.onStatus(msg);
+    } else if (msg.type === "cleared") {
+      const resolve = this._clears.get(msg.id);
+      this._clears.delete(msg.id);
+      resolve?.(msg.played);
+    }
+  }
+
+  /** Average bitrate of the audio received so far, in kbit/s. */
+  get bitrateKbps() {
+    return this.audioMsReceived > 0 ? (this.bytesReceived * 8) / this.audioMsReceived : 0;
+  }
+}
+
+function pcm16ToFloat(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = new Float32Array(bytes.byteLength >> 1);
+  for (let i = 0; i < out.length; i++) out[i] = view.getInt16(2 * i, true) / 32768;
+  return out;
+}
+
+const MULAW = (() => {
+  const table = new Float32Array(256);
+  for (let i = 0; i < 256; i++) {
+    const u = ~i & 0xff;
+    const t = (((u & 0x0f) << 3) + 0x84) << ((u & 0x70) >> 4);
+    table[i] = ((u & 0x80 ? 0x84 - t : t - 0x84) / 32768);
+  }
+  return table;
+})();
+
+function mulawToFloat(bytes) {
+  const out = new Float32Array(bytes.length);
+  for (let i = 0; i < bytes.length; i++) out[i] = MULAW[bytes[i]];
+  return out;
+}

@@ -1,0 +1,220 @@
+// The conversation as the user sees it: one entry per turn, its text cut into the segments the server announced,
+// the segment being heard highlighted. Kept in localStorage per session, so a reload shows the history again.
+
+const STORE_PREFIX = "shoal.transcript.";
+const MAX_TURNS = 500;
+const TAG = /(\[[^\[\]]*\]|<\|speaker:\d+\|>)/;
+
+/** Text with inline tags as chips: "[whisper] hi" -> <span class=tag>[whisper]</span> hi */
+export function renderMarkup(parent, text) {
+  for (const part of text.split(TAG)) {
+    if (!part) continue;
+    if (TAG.test(part)) {
+      const chip = document.createElement("span");
+      chip.className = "chip";
+      const speaker = /^<\|speaker:(\d+)\|>$/.exec(part);
+      chip.textContent = speaker ? `→ speaker ${speaker[1]}` : part;
+      parent.append(chip);
+    } else {
+      parent.append(part);
+    }
+  }
+}
+
+export class Transcript {
+  constructor(list, { speakerLabel = (n) => `Speaker ${n}` } = {}) {
+    this.list = list;
+    this.speakerLabel = speakerLabel;
+    this.session = null;
+    this.turns = new Map(); // turn -> entry
+    this.playing = { turn: null, index: -1 };
+  }
+
+  /** Show the stored history of `session` (serverTurns: how many turns the server has stored). */
+  load(session, serverTurns) {
+    this.session = session;
+    this.turns.clear();
+    this.list.replaceChildren();
+    let saved = [];
+    try {
+      saved = JSON.parse(localStorage.getItem(STORE_PREFIX + session) || "[]");
+    } catch {
+      saved = [];
+    }
+    const known = saved.filter((t) => t.turn < serverTurns);
+    const missing = serverTurns - known.length;
+    if (missing > 0) {
+      const note = document.createElement("li");
+      note.className = "note";
+      note.textContent = `${missing} earlier turn${missing > 1 ? "s" : ""} of this session ${missing > 1 ? "are" : "is"} stored on the server but not in this browser.`;
+      this.list.append(note);
+    }
+    for (const entry of known) {
+      if (!entry.reason) entry.reason = "interrupted"; // the page went away while it played
+      this.turns.set(entry.turn, entry);
+      this.list.append(this.render(entry));
+    }
+    this.scroll();
+  }
+
+  clear() {
+    this.turns.clear();
+    this.list.replaceChildren();
+  }
+
+  save() {
+    if (this.session === null) return;
+    const entries = [...this.turns.values()].slice(-MAX_TURNS).map(({ el, ...rest }) => rest);
+    try {
+      localStorage.setItem(STORE_PREFIX + this.session, JSON.stringify(entries));
+    } catch {
+      // storage full or disabled: the transcript just is not kept
+    }
+  }
+
+  startTurn(turn, speaker, sent = "") {
+    const entry = { turn, speaker, sent, segments: [], reason: null, ttfaMs: null, clientTtfaMs: null, audioMs: null, heardMs: null };
+    this.turns.set(turn, entry);
+    this.list.append(this.render(entry));
+    this.scroll();
+    this.save();
+    return entry;
+  }
+
+  addSegment(turn, text, ms) {
+    const entry = this.turns.get(turn) ?? this.startTurn(turn, 0);
+    entry.segments.push({ text, ms });
+    this.refresh(entry);
+    this.save();
+  }
+
+  done(turn, msg, clientTtfaMs) {
+    const entry = this.turns.get(turn);
+    if (!entry) return;
+    Object.assign(entry, { reason: msg.reason, ttfaMs: msg.ttfa_ms ?? null, audioMs: msg.audio_ms, clientTtfaMs });
+    this.refresh(entry);
+    this.save();
+  }
+
+  /** Barge-in: the listener heard `ms` of the turn; later segments are shown as unheard. */
+  cut(turn, ms) {
+    const entry = this.turns.get(turn);
+    if (!entry) return;
+    entry.heardMs = ms;
+    this.refresh(entry);
+    this.save();
+  }
+
+  /** Unfinished turns after a dropped connection: the server stored them cut at what it had sent. */
+  interruptOpen() {
+    for (const entry of this.turns.values()) {
+      if (entry.reason === null) {
+        entry.reason = "interrupted";
+        this.refresh(entry);
+      }
+    }
+    this.save();
+  }
+
+  /** Highlight the segment playing now (from the player's status). */
+  highlight(turn, playedMs, playing) {
+    let index = -1;
+    const entry = playing ? this.turns.get(turn) : undefined;
+    if (entry) {
+      for (let i = 0; i < entry.segments.length; i++) if (entry.segments[i].ms <= playedMs) index = i;
+    }
+    if (this.playing.turn === (entry ? turn : null) && this.playing.index === index) return;
+    const before = this.turns.get(this.playing.turn);
+    this.playing = { turn: entry ? turn : null, index };
+    if (before) this.markPlaying(before, -1);
+    if (entry) this.markPlaying(entry, index);
+  }
+
+  markPlaying(entry, index) {
+    if (!entry.el) return;
+    entry.el.classList.toggle("speaking", index >= 0);
+    entry.el.querySelectorAll(".seg").forEach((seg, i) => {
+      seg.classList.toggle("playing", i === index);
+      if (index >= 0) seg.classList.toggle("played", i < index);
+    });
+  }
+
+  refresh(entry) {
+    const old = entry.el;
+    const el = this.render(entry);
+    old?.replaceWith(el);
+    if (this.playing.turn === entry.turn) this.markPlaying(entry, this.playing.index);
+    this.scroll();
+  }
+
+  render(entry) {
+    const li = document.createElement("li");
+    li.className = `turn spk-${entry.speaker % 8}`;
+    li.dataset.turn = entry.turn;
+    li.dataset.speaker = entry.speaker;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = this.speakerLabel(entry.speaker);
+    const info = document.createElement("span");
+    info.className = "info";
+    info.textContent = describe(entry);
+    meta.append(who, info);
+    const p = document.createElement("p");
+    p.className = "text";
+    if (entry.segments.length) {
+      entry.segments.forEach((seg, i) => {
+        const span = document.createElement("span");
+        span.className = "seg";
+        if (entry.heardMs !== null && seg.ms >= entry.heardMs) span.classList.add("unheard");
+        renderMarkup(span, seg.text);
+        if (i) p.append(" ");
+        p.append(span);
+      });
+      const rest = entry.reason !== null && entry.reason !== "complete" ? unsaid(entry) : "";
+      if (rest) {
+        // stopped before the server got to it: what the listener never heard at all
+        const span = document.createElement("span");
+        span.className = "unsaid unheard";
+        renderMarkup(span, rest);
+        p.append(" ", span);
+      }
+    } else {
+      const span = document.createElement("span");
+      span.className = "seg pending";
+      renderMarkup(span, entry.sent || "…");
+      p.append(span);
+    }
+    li.append(meta, p);
+    if (entry.reason) li.classList.add(`reason-${entry.reason}`);
+    entry.el = li;
+    return li;
+  }
+
+  scroll() {
+    this.list.scrollTop = this.list.scrollHeight;
+  }
+}
+
+// the part of the text this page sent that no segment covers (the server cuts segments out of it in order)
+function unsaid(entry) {
+  if (!entry.sent) return "";
+  let cursor = 0;
+  for (const seg of entry.segments) {
+    const at = entry.sent.indexOf(seg.text, cursor);
+    if (at < 0) return "";
+    cursor = at + seg.text.length;
+  }
+  return entry.sent.slice(cursor).trim();
+}
+
+function describe(entry) {
+  const parts = [`turn ${entry.turn}`];
+  if (entry.reason === null) parts.push("speaking…");
+  else if (entry.reason === "cancelled") parts.push(entry.heardMs !== null ? `stopped at ${(entry.heardMs / 1000).toFixed(1)} s` : "stopped");
+  else if (entry.reason !== "complete") parts.push(entry.reason);
+  if (entry.audioMs && entry.reason !== "cancelled") parts.push(`${(entry.audioMs / 1000).toFixed(1)} s`);
+  if (entry.ttfaMs !== null && entry.ttfaMs !== undefined) parts.push(`TTFA ${Math.round(entry.ttfaMs)} ms`);
+  return parts.join(" · ");
+}
