@@ -75,6 +75,7 @@ log = logging.getLogger("shoal.gateway")
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_BUSY = 4409  # application code: the session is live on another connection
+READY_HISTORY_TURNS = 50  # turns of text session.ready carries on resume
 CODEC_FRAME_MS = 1000.0 / 21.5  # S2 Pro codec frame; used to apply sampling.max_frames to any engine
 
 
@@ -465,6 +466,11 @@ class Connection:
             resumed=resumed,
             turns=self.session.turns,
             speakers=tuple(SpeakerSpec(s.speaker, s.voice) for s in self.session.speakers),
+            history=tuple(
+                {"turn": t.index, "speaker": t.speaker, "text": t.text, "state": t.state, "audio_ms": t.audio_ms}
+                for t in self.history[-READY_HISTORY_TURNS:]
+            )
+            or None,
         )
 
     @staticmethod

@@ -146,6 +146,8 @@ class SessionReady:
     turns: int
     protocol: int = PROTOCOL_VERSION
     speakers: tuple[SpeakerSpec, ...] = ()
+    # on resume: the last turns as {turn, speaker, text, state, audio_ms}, so a client can show the conversation
+    history: tuple[Mapping[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ def to_wire(msg: ServerMessage | ClientMessage) -> dict[str, Any]:
         if value is None:
             continue
         if isinstance(value, tuple):
-            value = [v.to_wire() if isinstance(v, SpeakerSpec) else v for v in value]
+            value = [v.to_wire() if isinstance(v, SpeakerSpec) else dict(v) if isinstance(v, Mapping) else v for v in value]
         elif isinstance(value, Mapping):
             value = dict(value)
         out[name] = value

@@ -121,7 +121,7 @@ async function onReady(msg) {
     url.searchParams.set("session", msg.session);
     history.replaceState(null, "", url);
     $("session-id").textContent = msg.session;
-    if (transcript.session !== msg.session) transcript.load(msg.session, msg.turns);
+    if (transcript.session !== msg.session) transcript.load(msg.session, msg.turns, msg.history ?? []);
     log(`${msg.resumed ? "resumed" : "started"} session ${msg.session} (${msg.turns} turns stored), engine ${msg.engine.name}`);
     conn.established();
   } else {

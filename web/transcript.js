@@ -30,8 +30,9 @@ export class Transcript {
     this.playing = { turn: null, index: -1 };
   }
 
-  /** Show the stored history of `session` (serverTurns: how many turns the server has stored). */
-  load(session, serverTurns) {
+  /** Show the stored history of `session` (serverTurns: how many turns the server has stored; serverHistory: the
+   * last turns' text as session.ready carries them on resume, used where this browser kept nothing). */
+  load(session, serverTurns, serverHistory = []) {
     this.session = session;
     this.turns.clear();
     this.list.replaceChildren();
@@ -42,6 +43,14 @@ export class Transcript {
       saved = [];
     }
     const known = saved.filter((t) => t.turn < serverTurns);
+    const have = new Set(known.map((t) => t.turn));
+    for (const h of serverHistory) {
+      if (have.has(h.turn) || h.turn >= serverTurns) continue;
+      const segments = h.text ? [{ text: h.text, ms: 0 }] : [];
+      known.push({ turn: h.turn, speaker: h.speaker, sent: h.text, segments, reason: h.state, ttfaMs: null,
+        clientTtfaMs: null, audioMs: h.audio_ms, heardMs: null });
+    }
+    known.sort((a, b) => a.turn - b.turn);
     const missing = serverTurns - known.length;
     if (missing > 0) {
       const note = document.createElement("li");

@@ -134,6 +134,16 @@ def test_reload_resumes_the_session_with_its_history(shoal_page: ShoalPage) -> N
     assert [(t["turn"], t["speaker"], t["segments"]) for t in turns] == [(0, 1, ["Remember this line."])]
     done = page.say("And the conversation goes on.", 0)
     assert done["turn"] == 1 and done["reason"] == "complete"
+    page.wait_played_out()
+    # another browser (nothing in local storage) still sees the conversation: session.ready carries its history
+    page.page.evaluate("localStorage.clear()")
+    page.page.reload()
+    page.wait_connected()
+    turns = turns_in_transcript(page)
+    assert [(t["turn"], t["speaker"], t["segments"]) for t in turns] == [
+        (0, 1, ["Remember this line."]),
+        (1, 0, ["And the conversation goes on."]),
+    ]
     assert page.errors() == []
 
 
