@@ -1,0 +1,18 @@
+"""Load test for protocol v1: a swarm of simulated conversations, then statistics and a report.
+
+Three steps, each usable alone:
+
+1. ``swarm`` runs N simulated sessions against a server (loopback only). Each session holds a multi-turn,
+   multi-speaker conversation, streams text as LLM-like tokens in real time, plays the audio it gets through a
+   clock-driven player, and may barge in. Every event is timestamped and written raw (``raw/events.msgpack``)
+   as it happens; nothing is summarised while the load runs.
+2. ``stats`` reads the raw events, rejects impossible orderings, excludes the warm-up, and computes TTFA,
+   packet gaps, underruns, real-time factor, errors, the bare WebSocket round-trip floor and server CPU
+   (``summary.json``).
+3. ``report`` draws the plots (matplotlib) and writes ``report.html``.
+
+``sweep`` repeats 1-3 at rising concurrency until a threshold breaks and reports the capacity.
+
+The load test talks to the server only over the wire; the one piece it shares with the server is the protocol
+codec (:mod:`realtime.protocol`).
+"""

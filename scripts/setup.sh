@@ -11,6 +11,9 @@ case "$mode" in run|--test) ;; *) echo "usage: scripts/setup.sh [--test]" >&2; e
 
 apt_pkgs=()
 ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || apt_pkgs+=(libopus0)
+if [[ $mode == --test && ! -x /usr/bin/chromium ]]; then
+  apt_pkgs+=(chromium)  # the browser tests drive Debian's Chromium, never a downloaded one
+fi
 if ((${#apt_pkgs[@]})); then
   if ! command -v apt-get >/dev/null; then
     echo "setup: please install ${apt_pkgs[*]} with your package manager" >&2; exit 1

@@ -1,0 +1,211 @@
+"""``shoal loadtest [run|sweep|report]``: the load test's command line.
+
+    shoal loadtest --url ws://127.0.0.1:8000/v1/realtime --sessions 100 --duration 30 --out DIR
+    shoal loadtest --serve stub --stub-ttft-ms 0 --sessions 100 --duration 30 --out DIR
+    shoal loadtest sweep --serve stub --start 100 --step 100 --max-sessions 800 --out DIR
+    shoal loadtest report --out DIR          # recompute summary.json and the report from DIR/raw
+
+Exit status: 0 when the run completed and its events are sane (with ``--check``: and within the thresholds);
+1 when the events show impossible orderings, nothing could run, or (``--check``) a threshold broke; 2 for usage
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from loadtest.config import SwarmConfig
+
+
+def _range(kind: type) -> Any:
+    def parse(value: str) -> tuple[Any, Any]:
+        lo, _, hi = value.partition("-")
+        try:
+            a, b = kind(lo), kind(hi or lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected N or N-M, got {value!r}") from None
+        if b < a:
+            raise argparse.ArgumentTypeError(f"empty range {value!r}")
+        return a, b
+
+    return parse
+
+
+def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``loadtest`` on the ``shoal`` command's subparsers."""
+    p = sub.add_parser(
+        "loadtest",
+        help="simulate many conversations against a server on this machine; latency and capacity report",
+        description=(__doc__ or "").split("\n\n")[0],
+    )
+    p.add_argument("action", nargs="?", choices=("run", "sweep", "report"), default="run",
+                   help="run (default): one load; sweep: find the capacity; report: re-analyse --out DIR")
+    target = p.add_argument_group("server under test (loopback only)")
+    target.add_argument("--url", help="protocol v1 endpoint, e.g. ws://127.0.0.1:8000/v1/realtime")
+    target.add_argument("--serve", metavar="ENGINE", choices=("stub", "espeak"),
+                        help="start `shoal serve --engine ENGINE` on a free port for the run, and stop it after")
+    target.add_argument("--stub-ttft-ms", type=float, default=20.0, help="with --serve stub (default 20)")
+    target.add_argument("--stub-frame-ms", type=float, default=12.0, help="with --serve stub (default 12)")
+    target.add_argument("--server-pid", type=int, help="pid whose CPU to sample (default: the one listening on --url)")
+    target.add_argument("--profile", action="store_true", help="record the server with py-spy during the window")
+    load = p.add_argument_group("load")
+    load.add_argument("--sessions", type=int, default=10, help="concurrent sessions (default 10)")
+    load.add_argument("--duration", type=float, default=30.0, help="seconds in which turns start (default 30)")
+    load.add_argument("--turns", type=int, default=0, help="turns per session (default 0: as many as fit)")
+    load.add_argument("--ramp", type=float, default=None, help="seconds to connect all sessions (default: duration/6, at most 10)")
+    load.add_argument("--warmup", type=float, default=2.0, help="seconds after the ramp excluded from statistics (default 2)")
+    load.add_argument("--seed", type=int, default=1)
+    load.add_argument("--tokens-per-s", type=float, default=30.0, help="text token rate per session (default 30)")
+    load.add_argument("--sentences", type=_range(int), default=(1, 3), help="sentences per turn, N or N-M (default 1-3)")
+    load.add_argument("--think", type=_range(float), default=(0.3, 1.0), help="pause between turns in s (default 0.3-1.0)")
+    load.add_argument("--barge-in", type=float, default=0.0, help="share of turns interrupted (default 0)")
+    load.add_argument("--speaker-change", type=float, default=0.2, help="share of turns that change speaker (default 0.2)")
+    load.add_argument("--codec", choices=("opus", "pcm16", "mulaw"), default="opus")
+    load.add_argument("--sample-rate", type=int, default=48000)
+    load.add_argument("--frame-ms", type=int, default=20)
+    load.add_argument("--lead-ms", type=int, default=None, help="output.lead_ms (default: the server's)")
+    load.add_argument("--prebuffer-ms", type=float, default=40.0, help="player jitter buffer: playback starts once this much audio is in (default 40)")
+    load.add_argument("--compression", action="store_true", help="offer permessage-deflate, as browsers do")
+    load.add_argument("--floor-probes", type=int, default=8, help="bare WebSocket round-trip probes (default 8)")
+    thr = p.add_argument_group("thresholds (sweep; run with --check)")
+    thr.add_argument("--ttfa-p99-ms", type=float, default=50.0, help="default 50")
+    thr.add_argument("--max-underruns", type=int, default=0, help="default 0")
+    thr.add_argument("--check", action="store_true", help="run: exit 1 if a threshold breaks")
+    sw = p.add_argument_group("sweep")
+    sw.add_argument("--start", type=int, default=50)
+    sw.add_argument("--step", type=int, default=50)
+    sw.add_argument("--max-sessions", type=int, default=1000)
+    sw.add_argument("--refine", type=int, default=2, help="bisection steps after the first failure (default 2)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="on a shared machine: first wait up to S s for other processes to go quiet (sweep: before "
+                        "each level, and redo a level measured while they were busy, up to 2 times)")
+    p.add_argument("--out", type=Path, help="output directory (default loadtest-out/TIMESTAMP)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    return p
+
+
+def _config(args: argparse.Namespace, url: str) -> SwarmConfig:
+    ramp = args.ramp if args.ramp is not None else min(10.0, args.duration / 6)
+    return SwarmConfig(
+        url=url,
+        sessions=args.sessions,
+        duration_s=args.duration,
+        turns=args.turns,
+        ramp_s=ramp,
+        warmup_s=args.warmup,
+        seed=args.seed,
+        tokens_per_s=args.tokens_per_s,
+        sentences=args.sentences,
+        think_s=args.think,
+        barge_in=args.barge_in,
+        speaker_change=args.speaker_change,
+        codec=args.codec,
+        sample_rate=args.sample_rate,
+        frame_ms=args.frame_ms,
+        lead_ms=args.lead_ms,
+        prebuffer_ms=args.prebuffer_ms,
+        compression=args.compression,
+        floor_probes=args.floor_probes,
+    )
+
+
+def _print_summary(s: dict[str, Any], out_dir: Path) -> None:
+    def d(x: dict[str, Any]) -> str:
+        return "–" if x.get("p50") is None else f"p50 {x['p50']:.1f} p90 {x['p90']:.1f} p99 {x['p99']:.1f} max {x['max']:.1f}"
+
+    cpu = s["cpu"]
+    print(f"sessions {s['sessions_ready']}/{s['sessions']}, turns {s['turns']} measured, streams {s['streams_mean']}")
+    print(f"TTFA ms        {d(s['ttfa_ms'])}")
+    print(f"floor ms       {d(s['floor_ms'])}")
+    print(f"overhead ms    p50 {s['overhead_ms']['p50']} p90 {s['overhead_ms']['p90']} p99 {s['overhead_ms']['p99']}")
+    print(f"gap ms         {d(s['gap_ms'])}")
+    print(f"underruns      {s['underruns']} ({s['underrun_ms']:.1f} ms), errors {s['errors']} {s['errors_by_code'] or ''}")
+    print(f"server CPU %   mean {cpu['server']['mean']} (+children {cpu['server_children']['mean']}), "
+          f"per stream {cpu['server_per_stream']}; client {cpu['client']['mean']}"
+          + (" (client saturated)" if s["client_saturated"] else ""))
+    if s["machine_busy"]:
+        print(f"WARNING: other processes used {cpu['other']['mean']} % CPU and this run's processes waited for a "
+              f"CPU (server {cpu['server_wait']['mean']} %, client {cpu['client_wait']['mean']} % of the time): "
+              "the numbers are not valid")
+    if not s["sanity"]["ok"]:
+        print(f"SANITY FAILED: {s['sanity']['violations']}")
+    print(f"report: {out_dir / 'report.html'}")
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    from loadtest.runner import analyse_dir, run_once
+    from loadtest.server import ServerProcess
+    from loadtest.sweep import sweep
+
+    out_dir: Path = args.out or Path("loadtest-out") / time.strftime("%Y%m%d-%H%M%S")
+    progress = None if args.quiet else sys.stderr
+    if args.action == "report":
+        if args.out is None or not (args.out / "raw").is_dir():
+            print("shoal loadtest report: error: --out DIR with a raw/ folder is required", file=sys.stderr)
+            return 2
+        summary = analyse_dir(args.out, args.ttfa_p99_ms, args.max_underruns)
+        _print_summary(summary, args.out)
+        return 0 if summary["sanity"]["ok"] else 1
+    if (args.url is None) == (args.serve is None):
+        print("shoal loadtest: error: give exactly one of --url or --serve", file=sys.stderr)
+        return 2
+    server = None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if args.serve is not None:
+            extra = ["--stub-ttft-ms", str(args.stub_ttft_ms), "--stub-frame-ms", str(args.stub_frame_ms)] if args.serve == "stub" else []
+            server = ServerProcess(args.serve, out_dir / "server.log", extra)
+            url, pid = server.url, server.pid
+            info: dict[str, Any] = {"command": " ".join(server.command[1:]), "engine": args.serve}
+            if args.serve == "stub":
+                info.update(stub_ttft_ms=args.stub_ttft_ms, stub_frame_ms=args.stub_frame_ms)
+        else:
+            from loadtest.cpu import listening_pid
+
+            url = args.url
+            pid = args.server_pid if args.server_pid is not None else listening_pid(url)
+            info = {"url": url}
+        config = _config(args, url)
+        if args.action == "sweep":
+            result = sweep(
+                config, out_dir, pid, info, args.start, args.step, args.max_sessions, args.ttfa_p99_ms,
+                args.max_underruns, args.refine, progress=progress, quiet_wait_s=args.wait_quiet,
+                busy_retries=2 if args.wait_quiet > 0 else 0,
+            )
+            print(f"capacity: {result['capacity']} sessions (TTFA p99 <= {args.ttfa_p99_ms} ms, underruns <= "
+                  f"{args.max_underruns}){' - limited by the client' if result['limited_by_client'] else ''}")
+            print(f"report: {out_dir / 'report.html'}")
+            return 0 if all(st["sane"] for st in result["steps"]) else 1
+        thresholds = (args.ttfa_p99_ms, args.max_underruns)
+        if args.wait_quiet > 0:
+            from loadtest.cpu import wait_quiet
+
+            if not wait_quiet(args.wait_quiet) and progress is not None:
+                progress.write("shoal loadtest: the machine did not get quiet; running anyway\n")
+        summary = run_once(config, out_dir, pid, info, *thresholds, profile=args.profile, progress=progress)
+        _print_summary(summary, out_dir)
+        if not summary["sanity"]["ok"] or summary["sessions_ready"] == 0:
+            return 1
+        if args.check and not summary.get("within_thresholds", False):
+            return 1
+        return 0
+    except ValueError as exc:
+        print(f"shoal loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        print(f"shoal loadtest: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_loadtest_parser(sub)
+    return run_loadtest(parser.parse_args(["loadtest", *(argv if argv is not None else sys.argv[1:])]))

@@ -1,0 +1,319 @@
+"""One simulated session: a conversation over protocol v1, paced in real time, every event recorded.
+
+Two tasks per session: the *speaker* sends each turn's tokens at the configured rate, ends the turn, waits for
+``turn.done``, lets the listener hear the rest, pauses, and goes on; the *reader* takes every server message,
+records it and feeds the turn's :class:`~loadtest.player.Player`. A third, short-lived task barges in when the
+plan says so (``cancel`` once enough audio was heard, then ``playback`` with what was heard). Every wait is
+bounded by a timeout and the whole session by the run's hard deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from loadtest.config import SwarmConfig
+from loadtest.player import Player
+from loadtest.record import Recorder
+from loadtest.script import TurnPlan, turn_plan
+from realtime.protocol import (
+    Cancel,
+    ClientMessage,
+    Encoding,
+    Ping,
+    Playback,
+    ProtocolError,
+    SessionStart,
+    SpeakerSpec,
+    Text,
+    TurnEnd,
+    decode_server,
+    encode,
+)
+
+
+@dataclass
+class Live:
+    """Counters for the progress display (the statistics come from the raw events, not from here)."""
+
+    open: int = 0
+    connected: int = 0
+    turns: int = 0
+    audio_ms: float = 0.0
+    underruns: int = 0
+    errors: int = 0
+    ttfa_ms: list[float] = field(default_factory=list)  # server-reported, recent turns
+
+
+@dataclass
+class _TurnState:
+    plan: TurnPlan
+    player: Player
+    server_turn: int | None = None
+    first_audio: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: bool = False
+
+
+class SimSession:
+    def __init__(self, sid: int, config: SwarmConfig, rec: Recorder, live: Live, hard_stop: float) -> None:
+        self.sid = sid
+        self.config = config
+        self.rec = rec
+        self.live = live
+        self.hard_stop = hard_stop  # recorder time at which everything stops
+        self.ws: ClientConnection | None = None
+        self.frame_ms = float(config.frame_ms)
+        self.ready = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.turn: _TurnState | None = None
+        self._pong: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------------ entry
+
+    async def run(self, start_at: float) -> None:
+        """Connect at ``start_at`` (recorder time), converse until the run's duration is over, close."""
+        await asyncio.sleep(max(0.0, start_at - self.rec.now()))
+        why = "done"
+        try:
+            async with asyncio.timeout(max(0.0, self.hard_stop - self.rec.now())):
+                why = await self._run()
+        except TimeoutError:
+            why = "timeout"
+            self._error("timeout", "the run's hard deadline passed with this session still busy")
+        finally:
+            if self.ws is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.ws.close(), 2.0)
+                self.live.open -= 1
+            self.rec.event("close", self.rec.now(), self.sid, why)
+
+    async def _run(self) -> str:
+        config = self.config
+        self.rec.event("conn", self.rec.now(), self.sid)
+        try:
+            self.ws = await asyncio.wait_for(
+                connect(
+                    config.url,
+                    compression="deflate" if config.compression else None,
+                    max_size=None,
+                    ping_interval=None,
+                    proxy=None,
+                    open_timeout=config.connect_timeout_s,
+                    close_timeout=2.0,
+                ),
+                config.connect_timeout_s,
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            self._error("connect", f"{type(exc).__name__}: {exc}")
+            return "error"
+        self.live.open += 1
+        self.live.connected += 1
+        self.rec.event("open", self.rec.now(), self.sid)
+        reader = asyncio.create_task(self._reader(), name=f"reader-{self.sid}")
+        try:
+            return await self._converse()
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    # ------------------------------------------------------------------ speaker
+
+    async def _send(self, msg: ClientMessage) -> bool:
+        assert self.ws is not None
+        try:
+            await self.ws.send(encode(msg, Encoding.MSGPACK))
+        except ConnectionClosed:
+            return False
+        return True
+
+    async def _wait(self, event: asyncio.Event, timeout: float) -> bool:
+        """Wait for ``event`` or the connection's end, at most ``timeout``. True if the event is set."""
+        waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self.closed.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        return event.is_set()
+
+    async def _converse(self) -> str:
+        config = self.config
+        start = SessionStart(
+            speakers=(SpeakerSpec(0), SpeakerSpec(1)),
+            output=config.output(),
+            sampling={"seed": config.seed + self.sid},
+        )
+        if not await self._send(start) or not await self._wait(self.ready, config.connect_timeout_s):
+            if not self.closed.is_set():
+                self._error("timeout", "no session.ready")
+            return "error"
+        max_turns = config.turns or 10_000
+        for k in range(max_turns):
+            if self.rec.now() >= config.duration_s or self.closed.is_set():
+                break
+            if config.ping_per_turn and not await self._ping():
+                return "error" if self.closed.is_set() else "timeout"
+            why = await self._turn(turn_plan(config, self.sid, k))
+            if why is not None:
+                return why
+        return "done" if not self.closed.is_set() else "closed"
+
+    async def _ping(self) -> bool:
+        loop = asyncio.get_running_loop()
+        self._pong = loop.create_future()
+        sent = self.rec.now()
+        if not await self._send(Ping()):
+            return False
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pong), self.config.connect_timeout_s)
+        except TimeoutError:
+            self._error("timeout", "no pong")
+            return False
+        finally:
+            self._pong = None
+        self.rec.event("ping", self.rec.now(), self.sid, round((self.rec.now() - sent) * 1000.0, 3))
+        return True
+
+    async def _turn(self, plan: TurnPlan) -> str | None:
+        """Speak one turn and listen to it. Returns why the session must end, or None to go on."""
+        config, rec = self.config, self.rec
+        state = _TurnState(plan, Player(config.prebuffer_ms))
+        self.turn = state
+        rec.event("turn", rec.now(), self.sid, plan.index, plan.speaker, plan.text, plan.barge_after_ms)
+        barge = asyncio.create_task(self._barge(state)) if plan.barge_after_ms is not None else None
+        try:
+            t_start = rec.now()
+            chars = 0
+            for i, (speaker, token) in enumerate(plan.tokens):
+                delay = t_start + i / config.tokens_per_s - rec.now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if state.cancelled or self.closed.is_set():
+                    break
+                chars += len(token)
+                rec.event("send", rec.now(), self.sid, plan.index, "text", chars)  # recorded first: causes precede effects
+                if not await self._send(Text(text=token, speaker=speaker)):
+                    break
+            if not state.cancelled and not self.closed.is_set():
+                rec.event("send", rec.now(), self.sid, plan.index, "turn.end", chars)
+                await self._send(TurnEnd())
+            if not await self._wait(state.done, config.turn_timeout_s):
+                if self.closed.is_set():
+                    return "closed"
+                self._error("timeout", f"turn {plan.index}: no turn.done within {config.turn_timeout_s:g} s")
+                return "timeout"
+        finally:
+            if barge is not None:
+                barge.cancel()
+                await asyncio.gather(barge, return_exceptions=True)
+        # the listener hears the rest of the turn, then thinks
+        now = rec.now()
+        if now >= config.duration_s:
+            return None
+        state.player.start_if_waiting(now)
+        rest = 0.0 if state.cancelled else state.player.remaining_ms(now) / 1000.0
+        await asyncio.sleep(min(rest, config.turn_timeout_s) + plan.think_s)
+        return None
+
+    async def _barge(self, state: _TurnState) -> None:
+        """Interrupt once ``barge_after_ms`` of the turn was heard: cancel, then report what was heard."""
+        assert state.plan.barge_after_ms is not None
+        if not await self._wait(state.first_audio, self.config.turn_timeout_s):
+            return
+        for _ in range(1000):  # bounded: each round sleeps until the target or until more audio may have come
+            if state.done.is_set() or self.closed.is_set():
+                return
+            now = self.rec.now()
+            heard = state.player.position(now)
+            if heard >= state.plan.barge_after_ms:
+                break
+            if state.player.remaining_ms(now) <= 0 and state.done.is_set():
+                return
+            await asyncio.sleep(max(0.005, (state.plan.barge_after_ms - heard) / 1000.0))
+        else:
+            return
+        state.cancelled = True
+        now = self.rec.now()
+        heard = state.player.stop(now)
+        self.rec.event("send", now, self.sid, state.plan.index, "cancel", 0)  # in the same step as stop()
+        if not await self._send(Cancel()) or state.server_turn is None:
+            return
+        self.rec.event("send", self.rec.now(), self.sid, state.plan.index, "playback", 0)
+        await self._send(Playback(turn=state.server_turn, played_ms=round(heard, 3)))
+
+    # ------------------------------------------------------------------ reader
+
+    async def _reader(self) -> None:
+        assert self.ws is not None
+        try:
+            async for frame in self.ws:
+                now = self.rec.now()
+                try:
+                    msg = decode_server(frame)
+                except ProtocolError as exc:
+                    self._error("client_decode", exc.message)
+                    continue
+                self._on_message(now, msg)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+            state = self.turn
+            if state is not None:
+                state.done.set()
+
+    def _on_message(self, now: float, msg: dict[str, Any]) -> None:
+        rec, sid = self.rec, self.sid
+        mtype = msg.get("type")
+        state = self.turn
+        if mtype == "audio":
+            turn = msg["turn"]
+            rec.event("a", now, sid, turn, msg["seq"], msg["ms"], len(msg["data"]))
+            if state is not None and state.server_turn == turn:
+                state.player.push(now, self.frame_ms)
+                if not state.first_audio.is_set():
+                    state.first_audio.set()
+        elif mtype == "segment":
+            rec.event("seg", now, sid, msg["turn"], msg["ms"], msg["text"])
+        elif mtype == "turn.started":
+            rec.event("ts", now, sid, msg["turn"], msg["speaker"])
+            if state is not None and state.server_turn is None:
+                state.server_turn = msg["turn"]
+        elif mtype == "turn.done":
+            underruns, underrun_ms = 0, 0.0
+            if state is not None and state.server_turn == msg["turn"]:
+                underruns, underrun_ms = state.player.underruns, state.player.underrun_ms
+            rec.event(
+                "done", now, sid, msg["turn"], msg["reason"], msg["audio_ms"], msg["frames"], msg.get("ttfa_ms"),
+                underruns, round(underrun_ms, 3),
+            )
+            self.live.turns += 1
+            self.live.audio_ms += float(msg["audio_ms"])
+            self.live.underruns += underruns
+            if msg.get("ttfa_ms") is not None:
+                self.live.ttfa_ms.append(float(msg["ttfa_ms"]))
+            if state is not None and state.server_turn == msg["turn"]:
+                state.done.set()
+        elif mtype == "session.ready":
+            output = msg.get("output") or {}
+            self.frame_ms = float(output.get("frame_ms", self.config.frame_ms))
+            rec.event("ready", now, sid, self.frame_ms, output.get("codec"))
+            self.ready.set()
+        elif mtype == "pong":
+            if self._pong is not None and not self._pong.done():
+                self._pong.set_result(None)
+        elif mtype == "error":
+            rec.event("err", now, sid, msg.get("code"), msg.get("message"), bool(msg.get("fatal")))
+            self.live.errors += 1
+        else:
+            self._error("unexpected", f"unexpected server message {mtype!r}")
+
+    def _error(self, code: str, message: str) -> None:
+        self.rec.event("err", self.rec.now(), self.sid, code, message, True)
+        self.live.errors += 1

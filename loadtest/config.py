@@ -1,0 +1,113 @@
+"""Load-test settings: one frozen dataclass, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+MAX_SESSIONS = 5000
+MAX_DURATION_S = 3600.0
+MAX_TURNS = 10_000  # per session
+
+
+def check_loopback(url: str) -> str:
+    """Load goes only to this machine: a ws:// URL on a loopback address. Returns the URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "ws":
+        raise ValueError(f"the load test speaks ws:// only, got {url!r}")
+    host = parts.hostname or ""
+    if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+        raise ValueError(f"the load test sends load to loopback only (127.0.0.1, ::1, localhost), got host {host!r}")
+    if parts.port is None:
+        raise ValueError(f"the URL needs an explicit port, got {url!r}")
+    return url
+
+
+def _finite(name: str, value: float, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be within [{lo:g}, {hi:g}], got {value:g}")
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """One load-test run. Times in seconds unless the name says ms."""
+
+    url: str
+    sessions: int = 10
+    duration_s: float = 30.0  # no new turn starts after this (since the run's start)
+    turns: int = 0  # turns per session; 0: as many as fit in duration_s
+    ramp_s: float = 5.0  # sessions connect evenly over this time
+    warmup_s: float = 2.0  # after the ramp, turns starting this early are excluded from statistics
+    seed: int = 1
+    tokens_per_s: float = 30.0  # text arrival rate per session, like an LLM streaming its reply
+    sentences: tuple[int, int] = (1, 3)  # sentences per turn (inclusive range)
+    think_s: tuple[float, float] = (0.3, 1.0)  # pause after the listener heard a turn, before the next one
+    barge_in: float = 0.0  # probability that a turn is interrupted (cancel + playback)
+    speaker_change: float = 0.2  # probability that a turn changes speaker after its first sentence
+    codec: str = "opus"
+    sample_rate: int = 48000
+    frame_ms: int = 20
+    lead_ms: int | None = None  # None: the server's default
+    prebuffer_ms: float = 40.0  # jitter buffer: playback starts once this much is buffered (0: at the first packet)
+    compression: bool = False  # offer permessage-deflate (browsers do; Opus does not compress)
+    floor_probes: int = 8  # connections measuring the bare WebSocket round trip during the run (0: none)
+    floor_interval_s: float = 0.1  # per probe
+    ping_per_turn: bool = True  # one protocol ping through the gateway before each turn
+    cpu_interval_s: float = 0.5
+    turn_timeout_s: float = 60.0  # a turn with no turn.done by then is abandoned (counted as an error)
+    drain_s: float = 30.0  # after duration_s, how long running turns may take to finish
+    connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_loopback(self.url)
+        if isinstance(self.sessions, bool) or not isinstance(self.sessions, int) or not 1 <= self.sessions <= MAX_SESSIONS:
+            raise ValueError(f"sessions must be within [1, {MAX_SESSIONS}]")
+        if isinstance(self.turns, bool) or not isinstance(self.turns, int) or not 0 <= self.turns <= MAX_TURNS:
+            raise ValueError(f"turns must be within [0, {MAX_TURNS}]")
+        _finite("duration_s", self.duration_s, 0.1, MAX_DURATION_S)
+        _finite("ramp_s", self.ramp_s, 0.0, MAX_DURATION_S)
+        _finite("warmup_s", self.warmup_s, 0.0, MAX_DURATION_S)
+        _finite("tokens_per_s", self.tokens_per_s, 0.1, 10_000.0)
+        _finite("barge_in", self.barge_in, 0.0, 1.0)
+        _finite("speaker_change", self.speaker_change, 0.0, 1.0)
+        _finite("prebuffer_ms", self.prebuffer_ms, 0.0, 10_000.0)
+        _finite("floor_interval_s", self.floor_interval_s, 0.005, 10.0)
+        _finite("cpu_interval_s", self.cpu_interval_s, 0.05, 60.0)
+        _finite("turn_timeout_s", self.turn_timeout_s, 1.0, 3600.0)
+        _finite("drain_s", self.drain_s, 0.0, 3600.0)
+        _finite("connect_timeout_s", self.connect_timeout_s, 0.1, 600.0)
+        lo, hi = self.sentences
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= 20):
+            raise ValueError("sentences must be a range within [1, 20]")
+        tlo, thi = self.think_s
+        _finite("think_s", tlo, 0.0, 60.0)
+        _finite("think_s", thi, tlo, 60.0)
+        if self.codec not in ("opus", "pcm16", "mulaw"):
+            raise ValueError(f"codec must be opus, pcm16 or mulaw, got {self.codec!r}")
+        if not 0 <= self.floor_probes <= 256:
+            raise ValueError("floor_probes must be within [0, 256]")
+        if self.ramp_s >= self.duration_s and self.sessions > 1:
+            raise ValueError("ramp_s must be shorter than duration_s")
+
+    @property
+    def measure_from_s(self) -> float:
+        """Turns that start earlier than this (seconds since the run's start) are warm-up."""
+        return self.ramp_s + self.warmup_s
+
+    def output(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"codec": self.codec, "sample_rate": self.sample_rate, "frame_ms": self.frame_ms}
+        if self.lead_ms is not None:
+            out["lead_ms"] = self.lead_ms
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sentences"] = list(self.sentences)
+        d["think_s"] = list(self.think_s)
+        return d

@@ -1,0 +1,74 @@
+"""Raw events: written as they happen (one msgpack array each), read back by the statistics step.
+
+Every event is ``[kind, t, ...]`` with ``t`` in seconds since the run's start (the client's monotonic clock).
+Kinds and their fields:
+
+    conn   t sid                                       connecting
+    open   t sid                                       WebSocket open
+    ready  t sid frame_ms codec                        session.ready received
+    turn   t sid k speaker text barge_after_ms         the client begins turn k (its plan)
+    send   t sid k what chars                          sent text / turn.end / cancel / playback (chars: text sent so far)
+    ping   t sid rtt_ms                                a protocol ping answered by the gateway
+    ts     t sid turn speaker                          turn.started
+    seg    t sid turn ms text                          segment
+    a      t sid turn seq ms nbytes                    audio
+    done   t sid turn reason audio_ms frames ttfa_ms underruns underrun_ms
+                                                       turn.done (+ the live player's counts)
+    err    t sid code message fatal                    error from the server, or a client-side failure
+    close  t sid why                                   the session ended (done | error | timeout | closed)
+    floor  t probe rtt_ms                              a bare WebSocket round trip
+    cpu    t server children client system server_wait client_wait
+                                                       CPU %, 100 = one core (server: the gateway process,
+                                                       children: its subprocesses, e.g. engine workers, Redis;
+                                                       *_wait: % of time the event loop waited for a CPU)
+    lag    t ms                                        the client's event-loop lag (timer overshoot)
+
+Packing happens inline (about a microsecond per event) into a buffer that is written out periodically, so
+recording never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgpack
+
+EVENTS_FILE = "events.msgpack"
+META_FILE = "meta.json"
+
+
+class Recorder:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._buf = bytearray()
+        self.t0 = time.monotonic()
+        self.count = 0
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def event(self, *fields: Any) -> None:
+        self._buf += self._packer.pack(fields)
+        self.count += 1
+
+    def flush(self) -> None:
+        if self._buf:
+            self._file.write(self._buf)
+            self._buf = bytearray()
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.flush()
+            self._file.close()
+
+
+def read_events(path: Path) -> Iterator[list[Any]]:
+    with open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False, use_list=True, max_buffer_size=64 << 20)
+        yield from unpacker

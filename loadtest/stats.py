@@ -1,0 +1,476 @@
+"""Statistics from the raw events: a separate step, so a run can be re-analysed without re-running it.
+
+Definitions (all times on the load-test client's clock):
+
+- TTFA: from sending the message that completes the turn's first segment to receiving the turn's first
+  ``audio``. The first ``segment`` message names the text; its end is found in the turn's text, and the first
+  message that carries text past it (or ``turn.end``) is the one that lets the server cut the segment (the
+  server knows a sentence ended only when the next character arrives).
+- gap: time between consecutive ``audio`` messages of a turn (until a barge-in).
+- underruns: the :class:`~loadtest.player.Player` replayed over the recorded arrivals (must match the live one).
+- rtf (real-time factor): (last audio - TTFA start) / audio duration; < 1 means the audio came faster than it
+  plays (pacing keeps long turns just under 1).
+- cancel: from sending ``cancel`` to ``turn.done``; ``audio_after_cancel`` counts the cancelled turn's audio that
+  still arrived after the cancel was sent (in flight, or sent late), and how long after.
+- floor: a bare WebSocket round trip (:mod:`loadtest.floor`); overhead = TTFA percentile - floor percentile.
+- streams: audio seconds received in the measured window / window length (average concurrent real-time streams).
+
+Turns that start before ``ramp_s + warmup_s`` are warm-up and excluded; errors and sanity checks cover the
+whole run. ``sanity`` lists impossible orderings; a run with any is not to be trusted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest.player import Player
+from loadtest.record import EVENTS_FILE, META_FILE, read_events
+
+_TAG = re.compile(r"<\|[^|>]{0,40}\|>")
+PERCENTILES = (50, 90, 99)
+
+
+def dist(values: list[float] | np.ndarray) -> dict[str, float | int | None]:
+    """p50 / p90 / p99 / max / mean / n of a sample (None for an empty one)."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None, "n": 0}
+    p = np.percentile(a, PERCENTILES)
+    out: dict[str, float | int | None] = {f"p{q}": round(float(v), 3) for q, v in zip(PERCENTILES, p)}
+    out.update(max=round(float(a.max()), 3), mean=round(float(a.mean()), 3), n=int(a.size))
+    return out
+
+
+@dataclass
+class TurnLog:
+    sid: int
+    k: int
+    t_start: float
+    speaker: int
+    text: str
+    barge_after_ms: float | None
+    sends: list[tuple[float, str, int]] = field(default_factory=list)  # (t, what, chars)
+    t_started: float | None = None  # turn.started
+    segments: list[tuple[float, float, str]] = field(default_factory=list)  # (t, ms, text)
+    audio: list[float] = field(default_factory=list)  # arrival times
+    audio_after_cancel: int = 0
+    t_last_after_cancel: float | None = None
+    last_seq: int = -1
+    t_cancel: float | None = None
+    done: list[Any] | None = None
+    player: Player | None = None
+    concurrency: int = 0
+
+    @property
+    def t_ready(self) -> float | None:
+        """When the message that completed the first segment was sent (see the module docstring)."""
+        if not self.segments:
+            return None
+        seg = _TAG.sub("", self.segments[0][2]).strip()
+        if not seg:
+            return None
+        off = self.text.find(seg)
+        if off < 0:
+            return None
+        end = off + len(seg)
+        for t, what, chars in self.sends:
+            if what == "text" and chars > end or what in ("turn.end", "flush"):
+                return t
+        return None
+
+    @property
+    def ttfa_ms(self) -> float | None:
+        ready = self.t_ready
+        if ready is None or not self.audio:
+            return None
+        return (self.audio[0] - ready) * 1000.0
+
+    @property
+    def reason(self) -> str:
+        return str(self.done[4]) if self.done is not None else "unfinished"
+
+
+@dataclass
+class _SessionLog:
+    sid: int
+    t_conn: float | None = None
+    t_open: float | None = None
+    t_ready: float | None = None
+    t_close: float | None = None
+    close_why: str | None = None
+    frame_ms: float = 20.0
+    last_t: float = -math.inf
+    turns: dict[int, TurnLog] = field(default_factory=dict)
+    current: TurnLog | None = None
+
+
+class _Sanity:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: list[str] = []
+
+    def fail(self, rule: str, detail: str) -> None:
+        self.counts[rule] += 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{rule}: {detail}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": not self.counts, "violations": dict(self.counts), "examples": self.examples}
+
+
+@dataclass
+class Analysis:
+    """Everything the report needs: the summary plus per-turn rows and time series."""
+
+    summary: dict[str, Any]
+    turns: list[TurnLog]
+    cpu: list[list[Any]]
+    floor: list[tuple[float, float]]
+    lag: list[tuple[float, float]]
+    concurrency: list[tuple[float, int]]
+
+
+def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int | None = None) -> Analysis:
+    meta = json.loads((raw_dir / META_FILE).read_text())
+    config = meta["config"]
+    prebuffer = float(config.get("prebuffer_ms", 0.0))
+    measure_from = float(config["ramp_s"]) + float(config["warmup_s"])
+    duration = float(config["duration_s"])
+    sanity = _Sanity()
+    sessions: dict[int, _SessionLog] = {}
+    errors: Counter[str] = Counter()
+    fatal_errors = 0
+    floor: list[tuple[float, float]] = []
+    cpu: list[list[Any]] = []
+    lag: list[tuple[float, float]] = []
+    pings: list[tuple[float, float]] = []
+    opens: list[float] = []
+    closes: list[float] = []
+
+    def session(sid: int, t: float) -> _SessionLog:
+        s = sessions.get(sid)
+        if s is None:
+            s = sessions[sid] = _SessionLog(sid)
+        if t < s.last_t - 1e-9:
+            sanity.fail("time_order", f"session {sid}: event at {t:.6f} after one at {s.last_t:.6f}")
+        s.last_t = max(s.last_t, t)
+        return s
+
+    def turn_of(s: _SessionLog, turn: int, kind: str) -> TurnLog | None:
+        log = s.turns.get(turn)
+        if log is None:
+            sanity.fail("unknown_turn", f"session {s.sid}: {kind} for turn {turn} the client never began")
+        return log
+
+    for ev in read_events(raw_dir / EVENTS_FILE):
+        kind, t = ev[0], ev[1]
+        if kind == "a":
+            _, _, sid, turn, seq, ms, _nbytes = ev
+            s = session(sid, t)
+            log = turn_of(s, turn, "audio")
+            if log is None:
+                continue
+            if log.t_started is None:
+                sanity.fail("audio_before_turn_started", f"session {sid} turn {turn}")
+            if log.done is not None:
+                sanity.fail("audio_after_done", f"session {sid} turn {turn} seq {seq}")
+            if log.t_cancel is None:
+                n = len(log.audio)
+                if seq != n:
+                    sanity.fail("audio_seq", f"session {sid} turn {turn}: seq {seq}, expected {n}")
+            elif seq <= log.last_seq:  # after a cancel the server drops queued packets: gaps, but still in order
+                sanity.fail("audio_seq", f"session {sid} turn {turn}: seq {seq} after {log.last_seq}")
+            log.last_seq = seq
+            if abs(ms - seq * s.frame_ms) > 0.5:
+                sanity.fail("audio_ms", f"session {sid} turn {turn}: seq {seq} at {ms} ms, frame {s.frame_ms} ms")
+            if not log.segments:
+                sanity.fail("audio_before_segment", f"session {sid} turn {turn}")
+            if log.t_cancel is not None:
+                log.audio_after_cancel += 1
+                log.t_last_after_cancel = t
+                continue
+            log.audio.append(t)
+            assert log.player is not None
+            log.player.push(t, s.frame_ms)
+        elif kind == "send":
+            _, _, sid, k, what, chars = ev
+            s = session(sid, t)
+            log = s.turns.get(k)
+            if log is None:
+                sanity.fail("send_before_turn", f"session {sid} turn {k}")
+                continue
+            log.sends.append((t, what, chars))
+            if what == "cancel":
+                log.t_cancel = t
+                assert log.player is not None
+                log.player.stop(t)
+        elif kind == "seg":
+            _, _, sid, turn, ms, text = ev
+            s = session(sid, t)
+            log = turn_of(s, turn, "segment")
+            if log is not None:
+                if log.t_started is None:
+                    sanity.fail("segment_before_turn_started", f"session {sid} turn {turn}")
+                log.segments.append((t, ms, text))
+        elif kind == "ts":
+            _, _, sid, turn, speaker = ev
+            s = session(sid, t)
+            cur = s.current
+            if cur is None or cur.k != turn:
+                sanity.fail("turn_numbering", f"session {sid}: turn.started {turn} during client turn {cur.k if cur else None}")
+                continue
+            if not cur.sends:
+                sanity.fail("turn_started_before_text", f"session {sid} turn {turn}")
+            if cur.t_started is not None:
+                sanity.fail("turn_started_twice", f"session {sid} turn {turn}")
+            if speaker != cur.speaker:
+                sanity.fail("turn_speaker", f"session {sid} turn {turn}: speaker {speaker}, sent {cur.speaker}")
+            cur.t_started = t
+        elif kind == "done":
+            _, _, sid, turn, reason, audio_ms, frames, _ttfa, underruns, underrun_ms = ev
+            s = session(sid, t)
+            log = turn_of(s, turn, "turn.done")
+            if log is None:
+                continue
+            if log.done is not None:
+                sanity.fail("done_twice", f"session {sid} turn {turn}")
+            received = len(log.audio) + log.audio_after_cancel
+            if frames != received and not (log.t_cancel is not None and frames > received):
+                sanity.fail("done_frames", f"session {sid} turn {turn}: turn.done says {frames}, received {received}")
+            if abs(audio_ms - frames * s.frame_ms) > 0.5 * max(1, frames) ** 0.5:
+                sanity.fail("done_audio_ms", f"session {sid} turn {turn}: {audio_ms} ms for {frames} frames")
+            if reason == "complete" and not any(w == "turn.end" for _, w, _ in log.sends):
+                sanity.fail("complete_without_turn_end", f"session {sid} turn {turn}")
+            assert log.player is not None
+            if underruns != log.player.underruns or abs(underrun_ms - log.player.underrun_ms) > 0.01:
+                sanity.fail(
+                    "player_replay",
+                    f"session {sid} turn {turn}: live {underruns}/{underrun_ms} ms, replay "
+                    f"{log.player.underruns}/{log.player.underrun_ms:.3f} ms",
+                )
+            log.done = list(ev)
+            ttfa = log.ttfa_ms
+            if ttfa is not None and ttfa < 0:
+                sanity.fail("audio_before_text", f"session {sid} turn {turn}: first audio {-ttfa:.3f} ms before its text")
+        elif kind == "turn":
+            _, _, sid, k, speaker, text, barge = ev
+            s = session(sid, t)
+            if s.t_ready is None:
+                sanity.fail("turn_before_ready", f"session {sid} turn {k}")
+            if s.current is not None and s.current.done is None and s.t_close is None:
+                sanity.fail("turn_overlap", f"session {sid}: turn {k} began before turn {s.current.k} was done")
+            log = TurnLog(sid, k, t, speaker, text, barge, player=Player(prebuffer))
+            s.turns[k] = log
+            s.current = log
+        elif kind == "ping":
+            session(ev[2], t)
+            pings.append((t, float(ev[3])))
+        elif kind == "floor":
+            floor.append((t, float(ev[3])))
+        elif kind == "cpu":
+            cpu.append(list(ev[1:]))
+        elif kind == "lag":
+            lag.append((t, float(ev[2])))
+        elif kind == "err":
+            _, _, sid, code, _message, fatal = ev
+            errors[str(code)] += 1
+            fatal_errors += bool(fatal)
+        elif kind == "conn":
+            session(ev[2], t).t_conn = t
+        elif kind == "open":
+            s = session(ev[2], t)
+            if s.t_conn is None:
+                sanity.fail("open_before_connect", f"session {s.sid}")
+            s.t_open = t
+            opens.append(t)
+        elif kind == "ready":
+            s = session(ev[2], t)
+            if s.t_open is None:
+                sanity.fail("ready_before_open", f"session {s.sid}")
+            s.t_ready = t
+            s.frame_ms = float(ev[3])
+        elif kind == "close":
+            s = session(ev[2], t)
+            s.t_close, s.close_why = t, str(ev[3])
+            if s.t_open is not None:
+                closes.append(t)
+        else:
+            sanity.fail("unknown_event", repr(kind))
+
+    # concurrency: sessions open at each moment
+    opens.sort()
+    closes.sort()
+
+    def open_at(t: float) -> int:
+        return bisect.bisect_right(opens, t) - bisect.bisect_right(closes, t)
+
+    all_turns = [log for s in sessions.values() for log in s.turns.values()]
+    for log in all_turns:
+        log.concurrency = open_at(log.t_start)
+    measured = [log for log in all_turns if measure_from <= log.t_start <= duration]
+    window_end = max([duration] + [log.audio[-1] for log in measured if log.audio])
+    window_s = max(1e-9, window_end - measure_from)
+
+    ttfa = [v for log in measured if (v := log.ttfa_ms) is not None]
+    server_ttfa = [float(log.done[7]) for log in measured if log.done is not None and log.done[7] is not None]
+    gaps: list[float] = []
+    rtf: list[float] = []
+    cancel_ms: list[float] = []
+    after_cancel_ms: list[float] = []  # cancel -> the last audio of the cancelled turn
+    after_cancel_packets = 0
+    underrun_count = 0
+    underrun_ms = 0.0
+    turns_with_underruns = 0
+    audio_s_measured = 0.0
+    frame_of = {sid: s.frame_ms for sid, s in sessions.items()}
+    for log in measured:
+        if len(log.audio) > 1:
+            gaps.extend((np.diff(log.audio) * 1000.0).tolist())
+        assert log.player is not None
+        underrun_count += log.player.underruns
+        underrun_ms += log.player.underrun_ms
+        turns_with_underruns += log.player.underruns > 0
+        audio_ms = len(log.audio) * frame_of[log.sid]
+        audio_s_measured += audio_ms / 1000.0
+        ready = log.t_ready
+        if log.reason == "complete" and ready is not None and log.audio and audio_ms > 0:
+            rtf.append((log.audio[-1] - ready) * 1000.0 / audio_ms)
+        if log.t_cancel is not None and log.done is not None:
+            cancel_ms.append((float(log.done[1]) - log.t_cancel) * 1000.0)
+            after_cancel_packets += log.audio_after_cancel
+            if log.t_last_after_cancel is not None:
+                after_cancel_ms.append((log.t_last_after_cancel - log.t_cancel) * 1000.0)
+    audio_s_total = sum(len(log.audio) * frame_of[log.sid] for log in all_turns) / 1000.0
+
+    unmatched = sum(1 for log in measured if log.audio and log.t_ready is None)
+    if unmatched:
+        sanity.fail("ttfa_unmatched", f"{unmatched} turns whose first segment could not be found in the text sent")
+    unfinished = sum(1 for log in measured if log.done is None)
+
+    floor_m = [rtt for t, rtt in floor if measure_from <= t <= duration]
+    ping_m = [rtt for t, rtt in pings if measure_from <= t <= duration]
+    lag_m = [ms for t, ms in lag if measure_from <= t <= duration]
+    cpu_m = [row for row in cpu if measure_from <= row[0] <= duration]
+    ttfa_d, floor_d = dist(ttfa), dist(floor_m)
+
+    def overhead(q: str) -> float | None:
+        a, b = ttfa_d[q], floor_d[q]
+        return None if a is None or b is None else round(float(a) - float(b), 3)
+
+    def cpu_col(i: int) -> dict[str, float | int | None]:
+        return dist([row[i] for row in cpu_m if len(row) > i and row[i] is not None])
+
+    server_cpu = [row[1] + (row[2] or 0.0) for row in cpu_m if row[1] is not None]
+    # CPU used by anything else on the machine: a busy neighbour invalidates a capacity figure
+    other = [max(0.0, row[4] - (row[1] or 0.0) - (row[2] or 0.0) - (row[3] or 0.0)) for row in cpu_m if row[4] is not None]
+    other_d = dist(other)
+    streams_mean = audio_s_measured / window_s
+    reasons = Counter(log.reason for log in measured)
+    n_ready = sum(1 for s in sessions.values() if s.t_ready is not None)
+    client_cpu = cpu_col(3)
+    lag_d = dist(lag_m)
+    client_saturated = bool(
+        (client_cpu["mean"] is not None and float(client_cpu["mean"]) > 90.0)
+        or (lag_d["p99"] is not None and float(lag_d["p99"]) > 20.0)
+    )
+    summary: dict[str, Any] = {
+        "sessions": int(config["sessions"]),
+        "sessions_ready": n_ready,
+        "turns": len(measured),
+        "turns_total": len(all_turns),
+        "turns_by_reason": dict(reasons),
+        "turns_unfinished": unfinished,
+        "ttfa_ms": ttfa_d,
+        "gap_ms": dist(gaps),
+        "underruns": underrun_count,
+        "underrun_ms": round(underrun_ms, 3),
+        "turns_with_underruns": turns_with_underruns,
+        "errors": sum(errors.values()),
+        "errors_by_code": dict(errors),
+        "errors_fatal": fatal_errors,
+        "audio_seconds": round(audio_s_total, 3),
+        "audio_seconds_measured": round(audio_s_measured, 3),
+        "streams_mean": round(streams_mean, 2),
+        "rtf": dist(rtf),
+        "cancel_ms": dist(cancel_ms),
+        "audio_after_cancel": {"packets": after_cancel_packets, "last_ms": dist(after_cancel_ms)},
+        "server_ttfa_ms": dist(server_ttfa),
+        "ping_ms": dist(ping_m),
+        "floor_ms": floor_d,
+        "overhead_ms": {"p50": overhead("p50"), "p90": overhead("p90"), "p99": overhead("p99")},
+        "cpu": {
+            "server": cpu_col(1),
+            "server_children": cpu_col(2),
+            "client": client_cpu,
+            "system": cpu_col(4),
+            "other": other_d,
+            "server_wait": cpu_col(5),
+            "client_wait": cpu_col(6),
+            "server_per_stream": (
+                round(float(np.mean(server_cpu)) / streams_mean, 3) if server_cpu and streams_mean > 0 else None
+            ),
+        },
+        "client_lag_ms": lag_d,
+        "client_saturated": client_saturated,
+        "machine_busy": _machine_busy(other_d, cpu_col(5), cpu_col(6)),
+        "window_s": [round(measure_from, 3), round(window_end, 3)],
+        "sanity": sanity.to_json(),
+        "config": config,
+        "machine": meta.get("machine"),
+        "server": meta.get("server"),
+    }
+    if ttfa_p99_ms is not None or max_underruns is not None:
+        summary["thresholds"] = {"ttfa_p99_ms": ttfa_p99_ms, "max_underruns": max_underruns}
+        summary["within_thresholds"] = within(summary, ttfa_p99_ms, max_underruns)
+    return Analysis(
+        summary=summary,
+        turns=sorted(all_turns, key=lambda log: log.t_start),
+        cpu=cpu,
+        floor=floor,
+        lag=lag,
+        concurrency=[(t, open_at(t)) for t in sorted(opens + closes)],
+    )
+
+
+def _machine_busy(other: dict[str, Any], server_wait: dict[str, Any], client_wait: dict[str, Any]) -> bool:
+    """Other processes used the CPU and the server or the client had to wait for it: not a valid measurement."""
+    if other["mean"] is None or float(other["mean"]) <= 20.0:
+        return False
+    waits = [d["mean"] for d in (server_wait, client_wait) if d["mean"] is not None]
+    return not waits or max(waits) > 3.0
+
+
+def within(summary: dict[str, Any], ttfa_p99_ms: float | None, max_underruns: int | None) -> bool:
+    """Does a run meet the thresholds? Also requires every session ready, no error, no unfinished turn, sane."""
+    ok = summary["sanity"]["ok"] and summary["errors"] == 0 and summary["turns_unfinished"] == 0
+    ok = ok and summary["sessions_ready"] == summary["sessions"] and summary["turns"] > 0
+    p99 = summary["ttfa_ms"]["p99"]
+    if ttfa_p99_ms is not None:
+        ok = ok and p99 is not None and p99 <= ttfa_p99_ms
+    if max_underruns is not None:
+        ok = ok and summary["underruns"] <= max_underruns
+    return bool(ok)
+
+
+def write_turns_csv(path: Path, turns: list[TurnLog]) -> None:
+    """One row per turn, for anyone who wants to look further."""
+    lines = ["session,turn,t_start,concurrency,reason,ttfa_ms,server_ttfa_ms,audio_packets,underruns,underrun_ms"]
+    for log in turns:
+        ttfa = log.ttfa_ms
+        server = log.done[7] if log.done is not None else None
+        assert log.player is not None
+        lines.append(
+            f"{log.sid},{log.k},{log.t_start:.4f},{log.concurrency},{log.reason},"
+            f"{'' if ttfa is None else f'{ttfa:.3f}'},{'' if server is None else server},{len(log.audio)},"
+            f"{log.player.underruns},{log.player.underrun_ms:.3f}"
+        )
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,72 @@
+"""The load test end to end at a small size: `shoal loadtest` starts `shoal serve --engine stub` on a free
+loopback port, runs a few sessions for a few seconds (barge-ins included), and writes a complete summary and
+report. The same raw events re-analysed give the same summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SUMMARY_KEYS = {"sessions", "turns", "ttfa_ms", "gap_ms", "underruns", "errors", "audio_seconds"}
+
+
+def test_small_load_against_the_stub_engine_gives_a_complete_summary_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "realtime", "loadtest", "--serve", "stub", "--stub-ttft-ms", "5",
+        "--sessions", "4", "--duration", "6", "--ramp", "1", "--warmup", "0.5", "--barge-in", "0.3",
+        "--tokens-per-s", "60", "--floor-probes", "2", "--quiet", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    for key in ("ttfa_ms", "gap_ms"):
+        assert {"p50", "p90", "p99", "max"} <= summary[key].keys()
+    assert summary["sanity"]["ok"], summary["sanity"]
+    assert summary["sessions"] == 4 and summary["sessions_ready"] == 4
+    assert summary["errors"] == 0, summary["errors_by_code"]
+    assert summary["turns"] >= 4 and summary["turns_unfinished"] == 0
+    assert 5.0 <= summary["ttfa_ms"]["p50"] < 2000.0  # the stub waits 5 ms before its first frame
+    assert summary["audio_seconds"] > 5.0
+    assert summary["floor_ms"]["n"] > 10 and summary["ping_ms"]["n"] >= 4
+    assert summary["cpu"]["server"]["n"] > 0, "the spawned server's CPU was not sampled"
+    assert summary["server"]["engine"] == "stub"
+    assert "TTFA" in proc.stdout and "report.html" in proc.stdout
+
+    html = (out / "report.html").read_text()
+    for png in ("ttfa.png", "concurrency.png", "cpu.png"):
+        assert (out / png).stat().st_size > 5000
+        assert f"src='{png}'" in html
+    rows = (out / "turns.csv").read_text().splitlines()
+    assert rows[0].startswith("session,turn") and len(rows) - 1 == summary["turns_total"]
+
+    again = subprocess.run([sys.executable, "-m", "realtime", "loadtest", "report", "--out", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_refuses_anything_but_loopback(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "realtime", "loadtest", "--url", "ws://192.0.2.1:8000/v1/realtime", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "loopback" in proc.stderr
+
+
+def test_an_unreachable_server_is_reported_not_hung(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "realtime", "loadtest", "--url", f"ws://127.0.0.1:{port}/v1/realtime",
+        "--sessions", "2", "--duration", "1", "--ramp", "0", "--floor-probes", "0", "--quiet", "--out", str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sessions_ready"] == 0 and summary["errors_by_code"] == {"connect": 2}
