@@ -15,11 +15,13 @@ are written to the store by a writer task, in order, retried while the store is 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
+import os
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -89,6 +91,10 @@ class Gateway:
         self.metrics = metrics
         self.connections: set[Connection] = set()
         self.accepting = True
+        # resampling + Opus encoding for every connection: off the event loop, on the other cores
+        self.codec_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="codec"
+        )
 
     def authorized(self, ws: WebSocket) -> bool:
         key = self.config.api_key
@@ -120,6 +126,7 @@ class Gateway:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()
+        self.codec_pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -138,7 +145,8 @@ class _Turn:
     speaker: int
     ready_at: float | None = None  # first segment ready (TTFA start)
     first_sent_at: float | None = None
-    seq: int = 0
+    seq: int = 0  # audio packets made (and enqueued) for this turn
+    delivered: int = 0  # audio packets handed to the socket (a barge-in drops the rest)
     sent_ms: float = 0.0  # audio enqueued for this turn
     engine_ms: float = 0.0  # audio produced by the engine for this turn
     segments: list[_Seg] = field(default_factory=list)  # segments whose audio started, in order
@@ -201,6 +209,8 @@ class Connection:
         self._current: tuple[int, asyncio.Task[None]] | None = None  # (turn, segment task)
         self._tasks: list[asyncio.Task[Any]] = []
         self._closing = False
+        self._send_started: float | None = None  # when the frame being sent was handed to the socket
+        self._last_received = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -217,6 +227,7 @@ class Connection:
             asyncio.create_task(self._send_loop(), name="send"),
             asyncio.create_task(self._run_turns(), name="turns"),
             asyncio.create_task(self._write_turns(), name="writer"),
+            asyncio.create_task(self._watchdog(), name="watchdog"),
         ]
         try:
             await asyncio.wait(self._tasks[:2], return_when=asyncio.FIRST_COMPLETED)
@@ -311,33 +322,53 @@ class Connection:
             self.outbox.close()
 
     async def _send_loop(self) -> None:
-        timeout = self.limits.send_timeout_s
+        """Send in order. A send that blocks longer than ``send_timeout_s`` (a client that stopped reading) is
+        ended by ``_watch_sends``: one watchdog per connection instead of a timer per frame."""
         while True:
             item = await self.outbox.get()
             if item is None:
                 return
+            self._send_started = time.monotonic()
             try:
                 if isinstance(item, Close):
-                    await asyncio.wait_for(self.ws.close(item.code, item.reason), timeout)
+                    await self.ws.close(item.code, item.reason)
                     return
-                if isinstance(item, TurnDone):  # TTFA is known only once the first packet went out
+                if isinstance(item, TurnDone):  # what was really sent, and TTFA, are known only now
                     state = self.turns.get(item.turn)
-                    item = replace(item, ttfa_ms=state.ttfa_ms if state is not None else None)
+                    if state is not None:
+                        item = replace(item, ttfa_ms=state.ttfa_ms, frames=state.delivered,
+                                       audio_ms=round(state.delivered * self.output.frame_ms, 3))
                 frame = encode(item, self.encoding)
                 if isinstance(frame, bytes):
-                    await asyncio.wait_for(self.ws.send_bytes(frame), timeout)
+                    await self.ws.send_bytes(frame)
                 else:
-                    await asyncio.wait_for(self.ws.send_text(frame), timeout)
-            except TimeoutError:
-                log.warning("client read nothing for %.1f s: dropping it", timeout)
-                return
+                    await self.ws.send_text(frame)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 return  # the peer is gone
+            finally:
+                self._send_started = None
             if isinstance(item, Audio):
                 self._on_audio_sent(item)
 
+    async def _watchdog(self) -> None:
+        """One timer per connection: a client that stopped reading is dropped, an idle one told and closed."""
+        timeout, idle = self.limits.send_timeout_s, self.limits.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4, idle / 4))
+            now = time.monotonic()
+            started = self._send_started
+            if started is not None and now - started > timeout:
+                log.warning("client read nothing for %.1f s: dropping it", timeout)
+                self._tasks[1].cancel()  # the send loop: run() sees it end and closes the connection
+                return
+            if now - self._last_received > idle:
+                self._fatal("limit", f"no message for {idle:.0f} s (send ping to keep alive)", 1000)
+                return
+
     def _on_audio_sent(self, msg: Audio) -> None:
         state = self.turns.get(msg.turn)
+        if state is not None:
+            state.delivered += 1
         if state is not None and state.first_sent_at is None:
             state.first_sent_at = time.monotonic()
             if state.ttfa_ms is not None:
@@ -348,12 +379,8 @@ class Connection:
 
     async def _receive_loop(self) -> None:
         while True:
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), self.limits.idle_timeout_s)
-            except TimeoutError:
-                self._fatal("limit", f"no message for {self.limits.idle_timeout_s:.0f} s (send ping to keep alive)", 1000)
-                await self._await_closed()
-                return
+            message = await self.ws.receive()
+            self._last_received = time.monotonic()
             if message["type"] == "websocket.disconnect":
                 return
             frame = message.get("bytes")
@@ -362,11 +389,6 @@ class Connection:
             if frame is None:
                 continue
             await self._on_frame(frame)
-
-    async def _await_closed(self) -> None:
-        """After a fatal error, wait (bounded) for the send loop to deliver it and close."""
-        send = self._tasks[1]
-        await asyncio.wait([send], timeout=self.limits.send_timeout_s + 1)
 
     async def _on_frame(self, frame: bytes | str) -> None:
         size = len(frame)
@@ -612,14 +634,7 @@ class Connection:
                 state = self.turns[job.turn]
                 if state.cancelled or state.failed or state.length:
                     continue
-                task = asyncio.create_task(self._synthesize(state, job))
-                self._current = (job.turn, task)
-                try:
-                    await asyncio.wait([task])
-                finally:
-                    self._current = None
-                    if not task.done():
-                        task.cancel()
+                task = await self._run_current(state, self._synthesize(state, job))
                 if not task.cancelled() and task.exception() is not None:
                     exc = task.exception()
                     state.failed = True
@@ -631,11 +646,24 @@ class Connection:
             elif isinstance(job, EndTurn):
                 state = self.turns[job.turn]
                 if not state.cancelled:
-                    await self._drain_encoder(state)
+                    await self._run_current(state, self._drain_encoder(state))
+                if not state.cancelled:
                     self._finalize(state)
             elif isinstance(job, CancelTurns):
                 for t in job.turns:
                     self._finalize(self.turns[t])
+
+    async def _run_current(self, state: _Turn, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run one step of a turn as the cancellable current task (a barge-in cancels it) and wait for it."""
+        task = asyncio.create_task(work)
+        self._current = (state.turn, task)
+        try:
+            await asyncio.wait([task])
+        finally:
+            self._current = None
+            if not task.done():
+                task.cancel()
+        return task
 
     async def _synthesize(self, state: _Turn, job: SynthesizeSegment) -> None:
         assert self.session is not None
@@ -670,7 +698,7 @@ class Connection:
                     pcm = pcm[: max(0, int((max_ms - state.engine_ms) * rate / 1000.0))]
                     state.length = True
                 state.engine_ms += len(pcm) * 1000.0 / rate
-                await self._emit(state, state.encoder.push(pcm))
+                await self._emit(state, await self._encode(state.encoder.push, pcm))
                 if state.length:
                     break
         finally:
@@ -680,6 +708,10 @@ class Connection:
         if state.length:
             await self._drain_encoder(state)
 
+    async def _encode(self, fn: Callable[[np.ndarray], list[bytes]], pcm: np.ndarray) -> list[bytes]:
+        """Resample + encode off the event loop (libopus and libsoxr release the GIL): the loop only moves bytes."""
+        return await asyncio.get_running_loop().run_in_executor(self.gw.codec_pool, fn, pcm)
+
     async def _emit(self, state: _Turn, packets: list[bytes]) -> None:
         frame_ms = self.output.frame_ms
         lead = float(self.output.lead_ms)
@@ -687,12 +719,15 @@ class Connection:
             ahead = self.clock.ahead_ms(time.monotonic())
             if ahead > lead:
                 await asyncio.sleep((ahead - lead) / 1000.0)
+            if state.cancelled:  # a barge-in while this step was pacing or encoding: nothing more of it goes out
+                raise asyncio.CancelledError
             msg = Audio(turn=state.turn, seq=state.seq, ms=round(state.sent_ms, 3), data=data)
-            try:
-                await asyncio.wait_for(self.outbox.put_audio(msg), self.limits.send_timeout_s)
-            except TimeoutError:
-                self._fatal("limit", "the client reads audio slower than real time; dropping the connection", CLOSE_POLICY)
-                raise asyncio.CancelledError from None
+            if not self.outbox.try_put_audio(msg):
+                try:
+                    await asyncio.wait_for(self.outbox.put_audio(msg), self.limits.send_timeout_s)
+                except TimeoutError:
+                    self._fatal("limit", "the client reads audio slower than real time; dropping the connection", CLOSE_POLICY)
+                    raise asyncio.CancelledError from None
             state.seq += 1
             state.sent_ms += frame_ms
             self.clock.sent_ms += frame_ms
@@ -700,7 +735,7 @@ class Connection:
     async def _drain_encoder(self, state: _Turn) -> None:
         if state.encoder is not None and not state.cancelled:
             encoder, state.encoder = state.encoder, None
-            await self._emit(state, encoder.flush())
+            await self._emit(state, await self._encode(lambda _: encoder.flush(), np.zeros(0, np.float32)))
 
     def _finalize(self, state: _Turn) -> None:
         """Send turn.done once, hand the turn to the store writer."""
@@ -729,6 +764,7 @@ class Connection:
         chunks = [c for s in segments for c in s.codes]
         codes = np.concatenate(chunks, axis=1) if chunks else None
         if reason == "cancelled":
+            keep_ms = state.delivered * self.output.frame_ms  # queued audio was dropped at the barge-in
             if state.played_ms is not None:
                 keep_ms = min(keep_ms, state.played_ms)
             segments = [s for s in segments if s.start_ms < keep_ms]

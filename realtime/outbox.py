@@ -55,6 +55,16 @@ class Outbox:
             self._audio.append(msg)
             self._readable.set()
 
+    def try_put_audio(self, msg: Audio | Segment) -> bool:
+        """Append without waiting if the stream lane has room (the common case: no task, no timer)."""
+        if self.closed:
+            return True
+        if len(self._audio) >= self._audio_limit:
+            return False
+        self._audio.append(msg)
+        self._readable.set()
+        return True
+
     async def put_audio(self, msg: Audio | Segment) -> None:
         while len(self._audio) >= self._audio_limit and not self.closed:
             self._audio_space.clear()
