@@ -50,13 +50,16 @@ class EspeakConfig:
     workers: int = field(default_factory=_default_workers)  # processes, i.e. concurrent utterances
     language: str = "en-us"  # espeak-ng voice (language) the timbres are variants of
     buffer_ms: int = 20  # espeak-ng callback buffer (espeak-ng itself never goes below 60 ms)
-    window: int = 6  # most un-acknowledged chunks a worker may have in flight
+    # most un-acknowledged chunks (~60 ms each) a worker may have in flight: ~15 s, so a worker finishes a segment
+    # and goes back to the pool at once instead of being held for the paced playback of its utterance; the
+    # window still bounds the run-ahead, and a cancel still stops espeak-ng mid-word
+    window: int = 256
     start_timeout_s: float = 10.0  # for a worker process to come up
     stall_timeout_s: float = 5.0  # a working worker silent this long is considered hung
     cancel_timeout_s: float = 1.0  # for a worker to confirm a cancel before it is killed
 
     def __post_init__(self) -> None:
-        for name, low, high in (("workers", 1, 64), ("buffer_ms", 1, 1000), ("window", 1, 64)):
+        for name, low, high in (("workers", 1, 64), ("buffer_ms", 1, 1000), ("window", 1, 4096)):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
                 raise ValueError(f"{name} must be an integer within [{low}, {high}]")

@@ -10,6 +10,7 @@ frame per 1.2 characters of spoken text (markup is not spoken), at least one per
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 from collections.abc import AsyncIterator
@@ -90,12 +91,25 @@ def _plan(request: SynthesisRequest, config: StubConfig) -> list[_Run]:
     return runs
 
 
-def _tone(frequency: float, start: int, count: int, sample_rate: int) -> np.ndarray:
-    """Samples [start, start + count) of a syllable-like tone: two partials, four "syllables" a second."""
-    t = (start + np.arange(count, dtype=np.float64)) / sample_rate
+_TABLE_SECONDS = 8  # a tone repeats after this long: the instrument must cost next to nothing per frame
+
+
+@functools.lru_cache(maxsize=128)
+def _tone_table(frequency: float, sample_rate: int) -> np.ndarray:
+    """A syllable-like tone: two partials, four "syllables" a second, computed once per frequency."""
+    t = np.arange(_TABLE_SECONDS * sample_rate, dtype=np.float64) / sample_rate
     wave = np.sin(2 * np.pi * frequency * t) + 0.3 * np.sin(4 * np.pi * frequency * t)
     envelope = 0.02 + 0.3 * np.sin(np.pi * 4.0 * t) ** 2
     return (wave * envelope).astype(np.float32)
+
+
+def _tone(frequency: float, start: int, count: int, sample_rate: int) -> np.ndarray:
+    """Samples [start, start + count) of the tone (a view when it does not wrap)."""
+    table = _tone_table(frequency, sample_rate)
+    start %= len(table)
+    if start + count <= len(table):
+        return table[start : start + count]
+    return np.take(table, np.arange(start, start + count), mode="wrap")
 
 
 class StubSynthesizer:
