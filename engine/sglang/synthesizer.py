@@ -1,0 +1,515 @@
+"""S2 Pro served by SGLang on a GPU, behind the engine interface (``engine.base.Synthesizer``).
+
+``start`` checks the machine (a CUDA GPU and the pinned sglang, else :class:`~engine.sglang.guard.BackendUnavailable`
+naming what is missing), writes the shadow checkpoint SGLang loads, and starts ``sglang.Engine`` (its scheduler and
+detokenizer processes; the tokenizer manager runs on this process's event loop). Each ``synthesize`` call:
+
+1. builds the S2 Pro prompt (``engine.dualar.prompt``) and its radix keys and plan (``convert``);
+2. streams the request through ``Engine.async_generate``; SGLang batches it with every other running request, the
+   model makes one frame per step for all of them inside one CUDA graph, and each frame comes back per step;
+3. decodes frames with the streaming codec as they arrive, in growing chunks (``first_chunk_frames``, doubling up to
+   ``max_chunk_frames``), off the event loop;
+4. when the consumer stops (closes the stream, or its task is cancelled), aborts the request at once: SGLang drops
+   it before its next step;
+5. after the turn, re-keys it in the cache (``warm_cache``): a one-token request whose prompt is this turn's prompt
+   plus its audio under frame keys, so the next turn of the conversation finds everything through this turn cached
+   (see ``keys``). The next request of the same session waits briefly for it.
+
+Generation is not paced by the consumer (SGLang has no per-request pause); a turn is bounded by ``max_frames`` and
+by a frames-per-character guard, and a barge-in stops it within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.base import AudioChunk, EngineError, EngineInfo, Sampling, SynthesisRequest
+from engine.markup import plain_text
+from engine.sglang.checkpoint import MODEL_PACKAGE, ShadowCheckpoint, write_shadow_checkpoint
+from engine.sglang.convert import FrameCursor, SGLangRequest, TokenIds, build_request, frame_budget
+from engine.sglang.guard import BackendUnavailable, require_sglang_backend
+
+__all__ = ["SGLangConfig", "SGLangSynthesizer", "engine_kwargs"]
+
+log = logging.getLogger(__name__)
+
+_ATTENTION_BACKENDS = ("fa3", "fa4", "flashinfer", "triton", "torch_native")
+
+
+@dataclass(frozen=True)
+class SGLangConfig:
+    model: str | None = None  # S2 Pro checkpoint directory or Hugging Face repo id
+    codec: str | None = None  # codec.pth; default <model dir>/codec.pth (a preset without one: random codec)
+    preset: str | None = None  # random weights of an engine.dualar preset instead of a checkpoint (benchmarks)
+    tokenizer: str | None = None  # tokenizer.json; default the checkpoint's (a preset: byte level)
+    gpu: int = 0
+    dtype: str = "bfloat16"
+    attention_backend: str = "fa3"  # FlashAttention, as the model was trained (flashinfer ends turns early)
+    max_seq_len: int = 8192  # context: voices + history + the new turn
+    max_running_requests: int = 64
+    cuda_graph_max_bs: int = 64
+    mem_fraction_static: float = 0.80  # of GPU memory for weights + KV cache; the rest: graphs, codec
+    chunked_prefill_size: int = 8192
+    first_chunk_frames: int = 2  # the first audio chunk (1-4 frames: time to first audio)
+    max_chunk_frames: int = 16
+    frames_per_char: float = 6.0  # runaway guard: at most frame_budget_base + frames_per_char * characters
+    frame_budget_base: int = 32
+    warm_cache: bool = True  # re-key each finished turn in the radix cache for the session's next turn
+    warm_wait_s: float = 0.5  # how long a session's next request waits for that
+    ignore_end: bool = False  # never draw <|im_end|> (fixed-length benchmarks with random weights)
+    codec_threads: int = 4
+    work_dir: str | None = None  # where the shadow checkpoint goes (default: a temporary directory)
+    log_level: str = "error"  # SGLang's
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.preset is None):
+            raise ValueError("give exactly one of model (a checkpoint) and preset (random weights)")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.attention_backend not in _ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(_ATTENTION_BACKENDS)}")
+        if not 64 <= self.max_seq_len <= 1 << 20:
+            raise ValueError("max_seq_len must be within [64, 1048576]")
+        if not 1 <= self.max_running_requests <= 4096 or not 1 <= self.cuda_graph_max_bs <= 4096:
+            raise ValueError("max_running_requests and cuda_graph_max_bs must be within [1, 4096]")
+        if not 0.1 <= self.mem_fraction_static <= 0.95:
+            raise ValueError("mem_fraction_static must be within [0.1, 0.95]")
+        if not 1 <= self.first_chunk_frames <= 4:
+            raise ValueError("first_chunk_frames must be within [1, 4]")
+        if not self.first_chunk_frames <= self.max_chunk_frames <= 256:
+            raise ValueError("need first_chunk_frames <= max_chunk_frames <= 256")
+        if self.frames_per_char <= 0 or self.frame_budget_base < 1:
+            raise ValueError("frames_per_char must be > 0 and frame_budget_base >= 1")
+        if self.codec_threads < 1 or self.gpu < 0 or self.warm_wait_s < 0:
+            raise ValueError("codec_threads must be >= 1, gpu >= 0, warm_wait_s >= 0")
+        if self.chunked_prefill_size != -1 and self.chunked_prefill_size < 256:
+            raise ValueError("chunked_prefill_size must be -1 (off) or >= 256")
+
+    @property
+    def max_rows(self) -> int:
+        return max(self.max_running_requests, self.cuda_graph_max_bs) + 8
+
+    @property
+    def max_slots(self) -> int:
+        return 4 * self.max_running_requests + 64
+
+
+def engine_kwargs(config: SGLangConfig, shadow: ShadowCheckpoint) -> dict[str, Any]:
+    """The ``sglang.Engine`` arguments (ServerArgs field names of sglang 0.5.23)."""
+    return {
+        "model_path": str(shadow.path),
+        "load_format": shadow.load_format,
+        "skip_tokenizer_init": True,  # Shoal sends radix keys as input_ids and reads frames, never text
+        "dtype": config.dtype,
+        "context_length": shadow.context_length,
+        "attention_backend": config.attention_backend,
+        "mem_fraction_static": config.mem_fraction_static,
+        "max_running_requests": config.max_running_requests,
+        "cuda_graph_max_bs_decode": config.cuda_graph_max_bs,
+        "disable_prefill_cuda_graph": True,  # an extend reads inputs prepared on the host; decode is graphed
+        "chunked_prefill_size": config.chunked_prefill_size,
+        "page_size": 1,  # prefixes reused to the position, not rounded down to a page
+        "enable_custom_logit_processor": True,  # carries each request's plan to the model (custom_params)
+        "incremental_streaming_output": False,  # cumulative meta_info lists (FrameCursor reads either)
+        "stream_interval": 1,
+        "tp_size": 1,  # one engine per GPU; the model's linear layers are not sharded
+        "base_gpu_id": config.gpu,
+        "random_seed": 0,
+        "log_level": config.log_level,
+    }
+
+
+Launcher = Callable[[dict[str, Any]], Any]  # engine kwargs -> an object with sglang.Engine's methods used here
+
+
+class SGLangSynthesizer:
+    """``codec``: an ``engine.dualar.codec.Codec`` to use instead of loading one. ``launcher``: starts the engine
+    from :func:`engine_kwargs` (default: ``sglang.Engine``, after checking the GPU and sglang); the tests give an
+    in-process stand-in that runs the same model code on the CPU."""
+
+    def __init__(self, config: SGLangConfig, *, codec: Any = None, launcher: Launcher | None = None) -> None:
+        self.config = config
+        self._launcher = launcher
+        self.info = EngineInfo(name="s2pro", sample_rate=44100, cloning=True, frame_ms=1000.0 * 2048 / 44100)
+        self._error: str | None = "not started"
+        self._codec = codec  # engine.dualar.codec.Codec; given, or loaded at start
+        self._engine: Any = None
+        self._prompts: Any = None  # engine.dualar.prompt.PromptBuilder
+        self._ids: TokenIds | None = None
+        self._processor: str | None = None
+        self._context = config.max_seq_len
+        self._shadow_dir: Path | None = None
+        self._owns_shadow_dir = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(config.codec_threads, thread_name_prefix="s2pro-sgl")
+        self._closed = asyncio.Event()  # set by aclose: ends every stream in flight (binds to a loop on first use)
+        self._inflight: set[str] = set()
+        self._warm: dict[str, asyncio.Task[None]] = {}
+        self._counters: collections.Counter[str] = collections.Counter()
+        self.last_usage: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        if self._error == "closed":
+            raise EngineError("s2pro (sglang) engine is closed")
+        if self._launcher is None:
+            try:
+                require_sglang_backend()
+            except BackendUnavailable as exc:
+                self._error = str(exc)
+                raise
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
+        except EngineError as exc:
+            self._error = str(exc)
+            raise
+        except Exception as exc:  # SGLang's own start-up failures
+            self._error = f"{type(exc).__name__}: {exc}"
+            raise EngineError(f"SGLang failed to start: {self._error}") from exc
+
+    def load(self) -> None:
+        """Blocking: shadow checkpoint, tokenizer, codec, then the SGLang engine (minutes: weights, CUDA graphs).
+
+        Callable before serving (the CLI does, so a missing GPU or sglang is an error before anything listens);
+        raises :class:`BackendUnavailable` / EngineError.
+        """
+        if self._engine is not None:
+            return
+        if self._launcher is None:
+            require_sglang_backend()
+        from engine.dualar.prompt import PromptBuilder, load_tokenizer
+
+        cfg = self.config
+        raw, source, model_dir = self._raw_config()
+        self._shadow_dir = Path(cfg.work_dir) / "sglang-checkpoint" if cfg.work_dir else Path(
+            tempfile.mkdtemp(prefix="shoal-sglang-")
+        )
+        self._owns_shadow_dir = cfg.work_dir is None
+        shadow = write_shadow_checkpoint(
+            self._shadow_dir,
+            raw,
+            source=source,
+            context_length=cfg.max_seq_len,
+            max_rows=cfg.max_rows,
+            max_slots=cfg.max_slots,
+        )
+        model_config = shadow.config
+        self._context = shadow.context_length
+        self._ids = TokenIds.of(model_config)
+        if cfg.tokenizer or model_dir is not None:
+            tokenizer = load_tokenizer(cfg.tokenizer or model_dir)  # type: ignore[arg-type]
+        else:
+            from engine.sglang.presets import byte_level_tokenizer
+
+            tokenizer = byte_level_tokenizer(model_config.num_semantic_tokens)
+        self._prompts = PromptBuilder(
+            tokenizer,
+            semantic_begin_id=model_config.semantic_begin_id,
+            num_codebooks=model_config.num_codebooks,
+            codebook_size=model_config.codebook_size,
+        )
+        device = f"cuda:{cfg.gpu}"
+        if self._codec is None:
+            self._codec = self._load_codec(model_dir, device)
+        self.info = EngineInfo(
+            name="s2pro",
+            sample_rate=self._codec.sample_rate,
+            cloning=True,
+            frame_ms=1000.0 * self._codec.frame_samples / self._codec.sample_rate,
+        )
+        self._engine = (self._launcher or self._launch_sglang)(engine_kwargs(cfg, shadow))
+        self._error = None
+
+    def _launch_sglang(self, kwargs: dict[str, Any]) -> Any:
+        # SGLang's registration of out-of-tree models: its processes (spawned by Engine, inheriting the environment)
+        # import this package and register its EntryClass under the architecture the shadow config names.
+        os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = MODEL_PACKAGE
+        import sglang
+        from sglang.srt.models.registry import ModelRegistry
+
+        from engine.sglang.checkpoint import ARCHITECTURE
+        from engine.sglang.models.shoal_s2pro import ShoalPassthrough, ShoalS2ProForCausalLM
+
+        ModelRegistry.models.setdefault(ARCHITECTURE, ShoalS2ProForCausalLM)  # this process too, whatever came first
+        self._processor = ShoalPassthrough.to_str()
+        return sglang.Engine(**kwargs)
+
+    def _raw_config(self) -> tuple[dict[str, Any], Path | None, Path | None]:
+        """The S2 Pro config.json document, the weights' directory and the checkpoint directory (None: preset)."""
+        cfg = self.config
+        if cfg.preset is not None:
+            from engine.sglang.presets import preset_raw_config
+
+            try:
+                return preset_raw_config(cfg.preset), None, None
+            except ValueError as exc:
+                raise EngineError(str(exc)) from None
+        from engine.dualar.loader import ModelLoadError, resolve_model_path
+
+        try:
+            path = resolve_model_path(cfg.model)  # type: ignore[arg-type]
+        except ModelLoadError as exc:
+            raise EngineError(str(exc)) from None
+        try:
+            raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"cannot read {path / 'config.json'}: {exc}") from None
+        return raw, path, path
+
+    def _load_codec(self, model_dir: Path | None, device: str) -> Any:
+        from engine.dualar.codec import load_codec
+
+        if self.config.codec:
+            path = Path(self.config.codec)
+        elif model_dir is not None:
+            path = model_dir / "codec.pth"
+        else:
+            from engine.sglang.presets import random_codec
+
+            return random_codec(device)
+        if not path.is_file():
+            raise EngineError(f"codec checkpoint {path} not found (give --codec PATH)")
+        return load_codec(path, device=device, dtype=torch.float32)
+
+    async def aclose(self) -> None:
+        if self._error == "closed":
+            return
+        self._error = "closed"
+        self._closed.set()
+        for task in list(self._warm.values()):
+            task.cancel()
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            for rid in list(self._inflight):
+                self._abort(engine, rid)
+            await asyncio.get_running_loop().run_in_executor(None, _stop_engine, engine)
+        self._executor.shutdown(wait=False)  # decodes already queued finish; their streams then end
+        if self._owns_shadow_dir and self._shadow_dir is not None:
+            shutil.rmtree(self._shadow_dir, ignore_errors=True)
+
+    def health(self) -> str | None:
+        return self._error
+
+    def stats(self) -> dict[str, float]:
+        out = {f"sglang_{name}": float(value) for name, value in self._counters.items()}
+        out["sglang_requests_running"] = float(len(self._inflight))
+        return out
+
+    # ---------------------------------------------------------------------------------------- synthesis
+
+    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[AudioChunk]:
+        if self._error is not None or self._engine is None:
+            raise EngineError(f"s2pro (sglang) engine unavailable: {self._error or 'not started'}")
+        if not plain_text(request.text):
+            return
+        assert self._prompts is not None and self._ids is not None and self._codec is not None
+        cfg = self.config
+        await self._await_warm(request.session)
+        prompt = self._prompts.build_request(request)
+        room = self._context - prompt.shape[1] - 1
+        if room < 1:
+            raise EngineError(f"prompt of {prompt.shape[1]} positions does not fit the context ({self._context})")
+        frames = min(request.sampling.max_frames, room, frame_budget(request.text, per_char=cfg.frames_per_char,
+                                                                     base=cfg.frame_budget_base))
+        sreq = build_request(prompt, request.sampling, self._ids, max_frames=frames, allow_end=not cfg.ignore_end)
+        made: list[np.ndarray] = []
+        cursor = FrameCursor(self._ids)
+        decoder = self._codec.stream()
+        pending: list[np.ndarray] = []
+        size, finished = cfg.first_chunk_frames, False
+        self._counters["requests_total"] += 1
+        self._inflight.add(sreq.rid)
+        outputs = self._outputs(sreq)
+        try:
+            async for out in outputs:
+                if self._error is not None:  # closed while this output was on its way
+                    break
+                update = cursor.feed(out)
+                if update.codes.shape[1]:
+                    made.append(update.codes)
+                    pending.append(update.codes)
+                    self._counters["frames_total"] += update.codes.shape[1]
+                    self._counters["ras_frames_total"] += update.ras
+                    if sum(p.shape[1] for p in pending) >= size:
+                        yield await self._decode(decoder, pending)
+                        pending, size = [], min(size * 2, cfg.max_chunk_frames)
+                if update.done:
+                    finished = True
+                    self._record_usage(request.session or sreq.rid, update.prompt_tokens, update.cached_tokens)
+                    if update.reason == "error" or (update.reason == "cancelled" and self._error is None):
+                        raise EngineError(f"s2pro (sglang) synthesis failed: {update.error or update.reason}")
+                    break
+            if pending and self._error is None:
+                yield await self._decode(decoder, pending)
+        except _Closed:
+            return
+        except EngineError:
+            raise
+        except Exception as exc:  # SGLang refusing the request, the codec failing: the stream's documented error
+            raise EngineError(f"s2pro (sglang) synthesis failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._inflight.discard(sreq.rid)
+            if not finished and self._engine is not None:
+                self._abort(self._engine, sreq.rid)
+            await outputs.aclose()
+            if made and self._error is None:
+                self._schedule_warm(request.session or sreq.rid, prompt, np.concatenate(made, axis=1))
+
+    async def _outputs(self, sreq: SGLangRequest) -> AsyncIterator[Mapping[str, Any]]:
+        """SGLang's output dicts for one request, until it ends or the engine is closed."""
+        stream = await self._engine.async_generate(
+            input_ids=sreq.input_ids,
+            sampling_params=sreq.sampling_params,
+            stream=True,
+            rid=sreq.rid,
+            custom_logit_processor=self._processor,
+        )
+        closed = asyncio.ensure_future(self._closed.wait())
+        step: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(stream))
+                await asyncio.wait({step, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    return
+                try:
+                    out = step.result()
+                except StopAsyncIteration:
+                    return
+                yield out
+        finally:
+            closed.cancel()
+            if step is not None and not step.done():
+                step.cancel()  # stops waiting on SGLang's stream (the request itself is aborted by the caller)
+            else:
+                with contextlib.suppress(Exception):  # SGLang's stream of a finished or aborted request
+                    await stream.aclose()
+
+    async def _decode(self, decoder: Any, parts: list[np.ndarray]) -> AudioChunk:
+        codes = np.concatenate(parts, axis=1).astype(np.int16)  # (10, k)
+        try:
+            pcm = await asyncio.get_running_loop().run_in_executor(self._executor, decoder.decode, codes)
+        except RuntimeError:  # the executor is shut down: the engine was closed
+            if self._error is None:
+                raise
+            raise _Closed from None
+        return AudioChunk(pcm=np.asarray(pcm, dtype=np.float32), codes=codes)
+
+    def _abort(self, engine: Any, rid: str) -> None:
+        try:
+            engine.tokenizer_manager.abort_request(rid)
+            self._counters["aborts_total"] += 1
+        except Exception:  # the engine is going away; nothing left to stop
+            log.debug("abort of %s failed", rid, exc_info=True)
+
+    def _record_usage(self, key: str, prompt_tokens: int | None, cached_tokens: int | None) -> None:
+        if prompt_tokens is None:
+            return
+        cached = int(cached_tokens or 0)
+        self._counters["prompt_tokens_total"] += int(prompt_tokens)
+        self._counters["cached_tokens_total"] += cached
+        self.last_usage[key] = (int(prompt_tokens), cached)
+        self.last_usage.move_to_end(key)
+        while len(self.last_usage) > 1024:
+            self.last_usage.popitem(last=False)
+
+    # ---------------------------------------------------------------------------------------- cache warming
+
+    def _schedule_warm(self, key: str, prompt: torch.Tensor, codes: np.ndarray) -> None:
+        """Prefill prompt + this turn's audio + ``<|im_end|>\\n`` under frame keys, so the next turn hits it."""
+        if not self.config.warm_cache or self._engine is None or self._ids is None:
+            return
+        from engine.dualar.prompt import IM_END
+
+        warm = torch.cat([prompt, self._prompts.audio(codes), self._prompts.text(f"{IM_END}\n")], dim=1)
+        if warm.shape[1] + 1 >= self._context:
+            return
+        sreq = build_request(warm, Sampling(temperature=0.0, seed=0, max_frames=1), self._ids, max_frames=1)
+        task = asyncio.ensure_future(self._warm_one(sreq))
+        self._warm[key] = task
+        task.add_done_callback(lambda t: self._warm.pop(key, None) if self._warm.get(key) is t else None)
+
+    async def _warm_one(self, sreq: SGLangRequest) -> None:
+        started = time.perf_counter()
+        try:
+            await self._engine.async_generate(
+                input_ids=sreq.input_ids,
+                sampling_params=sreq.sampling_params,
+                rid=sreq.rid,
+                custom_logit_processor=self._processor,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.debug("cache warm-up failed", exc_info=True)
+            return
+        self._counters["warmups_total"] += 1
+        log.debug("warmed %d positions in %.1f ms", sreq.prompt_len, 1000 * (time.perf_counter() - started))
+
+    async def _await_warm(self, key: str | None) -> None:
+        task = self._warm.get(key) if key else None
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=self.config.warm_wait_s)
+
+    async def wait_warm(self) -> None:
+        """Until every cache warm-up in flight is done (benchmarks and tests)."""
+        tasks = list(self._warm.values())
+        if tasks:
+            await asyncio.wait(tasks)
+
+    # ---------------------------------------------------------------------------------------- voices
+
+    async def encode_voice(self, pcm: np.ndarray, sample_rate: int, text: str) -> np.ndarray | None:
+        if self._codec is None:
+            raise EngineError("s2pro (sglang) engine is not started")
+        codec = self._codec
+
+        def encode() -> np.ndarray:
+            return np.asarray(codec.encode(pcm, sample_rate), dtype=np.int16)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, encode)
+
+
+class _Closed(Exception):
+    """The engine was closed under a stream: it ends quietly."""
+
+
+def _stop_engine(engine: Any, timeout: float = 30.0) -> None:
+    """Stop the SGLang processes this engine started (by pid; never other children of this process)."""
+    pids = set(engine.get_all_child_pids())
+    children = {p.pid: p for p in multiprocessing.active_children() if p.pid in pids}
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        process = children.get(pid)
+        if process is not None:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    atexit.unregister(engine.shutdown)  # its shutdown kills every child of this process, not only SGLang's

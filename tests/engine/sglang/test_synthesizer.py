@@ -1,0 +1,206 @@
+"""The SGLang synthesizer end to end: the shared engine contract, then cache hits through the previous turn, keys that
+part at a residual code, abort, seeds, chunking.
+
+Two engines run the same tests:
+
+- ``fake`` (CPU, always): the real synthesizer, shadow checkpoint, request conversion, model core and streaming
+  codec, with ``sglang.Engine`` replaced by an in-process stand-in (``fakes.FakeSGLangEngine``: continuous
+  batching, a prefix cache keyed like SGLang's radix cache, per-token frame lists, abort);
+- ``sglang`` (marked ``gpu``, skipped without a CUDA GPU and sglang): the real thing.
+
+Each engine serves the whole module on one event loop (SGLang binds its tokenizer manager to the loop of its first
+request, and takes a minute or two to start). The model is the tiny fixture checkpoint (the ``tiny`` random preset
+on a GPU machine without the fixtures) and never ends a turn by itself (``ignore_end``): turn lengths come from the
+frames-per-character guard and ``max_frames``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+from engine.base import PastTurn, Sampling, SynthesisRequest, Synthesizer
+from engine.dualar.codec import load_codec
+from engine.dualar.config import ModelConfig
+from engine.dualar.loader import load_state_dict
+from engine.sglang import SGLangConfig, SGLangSynthesizer, missing_requirements
+from engine.sglang.convert import build_request
+from engine.sglang.keys import shared_prefix_len
+from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.engine.sglang.fakes import FakeSGLangEngine, make_core
+
+# The shared contract (tests/engine/test_contract.py), run here with this module's `engine` fixture.
+from tests.engine.test_contract import (
+    test_cancelling_the_consumer_task_releases_the_engine,
+    test_closing_mid_stream_releases_the_engine,
+    test_concurrent_requests_all_complete,
+    test_markup_and_voices_are_accepted,
+    test_max_frames_caps_the_audio,
+    test_nothing_to_say_yields_no_chunks,
+)
+
+__all__ = [
+    "test_cancelling_the_consumer_task_releases_the_engine",
+    "test_closing_mid_stream_releases_the_engine",
+    "test_concurrent_requests_all_complete",
+    "test_markup_and_voices_are_accepted",
+    "test_max_frames_caps_the_audio",
+    "test_nothing_to_say_yields_no_chunks",
+]
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+_missing = missing_requirements()
+ENGINES = [
+    pytest.param("fake", marks=requires_fixtures),
+    pytest.param("sglang", marks=[pytest.mark.gpu, pytest.mark.skipif(bool(_missing), reason="; ".join(_missing))]),
+]
+HAVE_FIXTURES = (MODEL_DIR / "config.json").is_file()
+
+
+def config(**overrides: object) -> SGLangConfig:
+    fields: dict = dict(ignore_end=True, frames_per_char=3.0, frame_budget_base=16, max_running_requests=16,
+                        cuda_graph_max_bs=16, max_seq_len=4096, mem_fraction_static=0.4, first_chunk_frames=2)
+    if HAVE_FIXTURES:
+        fields.update(model=str(MODEL_DIR), codec=str(FIXTURES / "codec" / "codec.pth"))
+    else:
+        fields.update(preset="tiny")
+    fields.update(overrides)
+    return SGLangConfig(**fields)
+
+
+def fake_launcher(kwargs: dict) -> FakeSGLangEngine:
+    """Starts the stand-in from the same arguments SGLang gets: the shadow checkpoint's config and linked weights."""
+    shadow = Path(kwargs["model_path"])
+    raw = json.loads((shadow / "config.json").read_text())
+    core = make_core(ModelConfig.from_dict(raw["shoal_s2pro"]), max_rows=raw["shoal_runtime"]["max_rows"],
+                     max_slots=512)
+    core.load_published(load_state_dict(shadow, progress=False).items())
+    engine = FakeSGLangEngine(core.eval())
+    engine.kwargs = kwargs
+    return engine
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=ENGINES)
+async def engine(request: pytest.FixtureRequest):
+    if request.param == "fake":
+        codec = load_codec(FIXTURES / "codec" / "codec.pth", device="cpu", dtype=torch.float32)
+        synth = SGLangSynthesizer(config(), codec=codec, launcher=fake_launcher)
+    else:
+        synth = SGLangSynthesizer(config())
+    await synth.start()
+    yield synth
+    await synth.aclose()
+
+
+async def collect(synth: SGLangSynthesizer, request: SynthesisRequest) -> list:
+    async with asyncio.timeout(180):
+        return [chunk async for chunk in synth.synthesize(request)]
+
+
+def codes_of(chunks: list) -> np.ndarray:
+    return np.concatenate([c.codes for c in chunks], axis=1)
+
+
+async def test_streams_non_silent_float32_audio_of_plausible_length(engine: SGLangSynthesizer) -> None:
+    """The contract's test of the same name, less its "level varies like speech" check: random weights make
+    noise of an even level (a property of the weights, not of the engine)."""
+    chunks = await collect(engine, SynthesisRequest("The quick brown fox jumps over the lazy dog."))
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert chunk.pcm.dtype == np.float32 and chunk.pcm.ndim == 1 and chunk.pcm.size > 0
+        assert np.all(np.isfinite(chunk.pcm)) and np.abs(chunk.pcm).max() <= 1.0
+        assert chunk.codes is not None and chunk.codes.dtype == np.int16 and chunk.codes.shape[0] == 10
+    audio = np.concatenate([c.pcm for c in chunks])
+    assert 1.0 < audio.size / engine.info.sample_rate < 10.0
+    assert np.sqrt(np.mean(audio**2)) > 0.01
+
+
+async def test_started_engine_is_healthy_and_clones(engine: SGLangSynthesizer) -> None:
+    assert isinstance(engine, Synthesizer)
+    assert engine.health() is None and engine.info.sample_rate == 44100 and engine.info.cloning
+    codes = await engine.encode_voice(np.zeros(44100, np.float32), 44100, "silence")
+    assert codes is not None and codes.dtype == np.int16 and codes.shape[0] == 10 and codes.shape[1] >= 21
+
+
+async def test_the_first_chunk_is_small_and_chunks_grow(engine: SGLangSynthesizer) -> None:
+    chunks = await collect(engine, SynthesisRequest("A short sentence to speak.", sampling=Sampling(max_frames=40)))
+    frames = [c.codes.shape[1] for c in chunks]
+    assert 1 <= frames[0] <= 4 and sum(frames) == 40 and frames[-1] <= 16
+    assert frames[:3] == sorted(frames[:3])
+    assert all(c.pcm.dtype == np.float32 and c.pcm.size == 2048 * c.codes.shape[1] for c in chunks)
+
+
+async def test_seeded_requests_repeat_and_seeds_differ(engine: SGLangSynthesizer) -> None:
+    def request(seed: int) -> SynthesisRequest:
+        return SynthesisRequest("Hello there.", sampling=Sampling(seed=seed, max_frames=12))
+
+    a = codes_of(await collect(engine, request(1)))
+    b = codes_of(await collect(engine, request(1)))
+    c = codes_of(await collect(engine, request(2)))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+async def test_the_next_turn_hits_the_cache_for_everything_through_this_turn(engine: SGLangSynthesizer) -> None:
+    session = "cache-through-turn-1"
+    first = SynthesisRequest("The first turn of the talk.", session=session, sampling=Sampling(seed=3, max_frames=20))
+    codes = codes_of(await collect(engine, first))
+    await engine.wait_warm()
+    second = SynthesisRequest("And the second one.", session=session, history=[PastTurn(0, first.text, codes)],
+                              sampling=Sampling(seed=4, max_frames=5))
+    await collect(engine, second)
+    prompts = engine._prompts
+    through_turn1 = prompts.build_request(first).shape[1] + codes.shape[1] + prompts.text("<|im_end|>\n").shape[1]
+    prompt_tokens, cached = engine.last_usage[session]
+    assert prompt_tokens == prompts.build_request(second).shape[1]
+    assert cached >= through_turn1 - 1, (cached, through_turn1)  # SGLang may keep the last matched position back
+    assert engine.stats()["sglang_warmups_total"] >= 1
+
+
+async def test_a_history_differing_in_one_residual_code_shares_nothing_from_that_frame(
+    engine: SGLangSynthesizer,
+) -> None:
+    ids = engine._ids
+    codes = np.random.default_rng(5).integers(0, ids.codebook_size, (10, 30)).astype(np.int16)
+    other = codes.copy()
+    other[7, 12] = (other[7, 12] + 1) % ids.codebook_size  # residual code 7 of frame 12, nothing else
+
+    def request(history: np.ndarray, session: str) -> SynthesisRequest:
+        return SynthesisRequest("Now say this.", session=session, history=[PastTurn(0, "Earlier words.", history)],
+                                sampling=Sampling(seed=1, max_frames=3))
+
+    await collect(engine, request(codes, "residual-a"))
+    await engine.wait_warm()
+    await collect(engine, request(other, "residual-b"))
+    keys = [build_request(engine._prompts.build_request(request(h, "x")), Sampling(), ids).input_ids
+            for h in (codes, other)]
+    divergence = shared_prefix_len(*keys)
+    _, cached = engine.last_usage["residual-b"]
+    assert 0 < cached <= divergence  # reused up to the changed frame, never past it
+
+
+async def test_a_closed_stream_is_aborted_and_frees_its_place(engine: SGLangSynthesizer) -> None:
+    before = engine.stats().get("sglang_aborts_total", 0.0)
+    stream = engine.synthesize(SynthesisRequest("This goes on and on. " * 50, sampling=Sampling(max_frames=2000)))
+    await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert engine.stats()["sglang_aborts_total"] == before + 1
+    assert engine.stats()["sglang_requests_running"] == 0
+    chunks = await collect(engine, SynthesisRequest("Next.", sampling=Sampling(max_frames=8)))
+    assert codes_of(chunks).shape[1] == 8
+
+
+async def test_stats_name_what_the_engine_did(engine: SGLangSynthesizer) -> None:
+    stats = engine.stats()
+    assert stats["sglang_requests_total"] > 0 and stats["sglang_frames_total"] > 0
+    assert 0 < stats["sglang_cached_tokens_total"] <= stats["sglang_prompt_tokens_total"]
+
+
+# last: it closes the module's engine
+from tests.engine.test_contract import test_aclose_ends_streams_in_flight_and_refuses_new_ones  # noqa: E402, F401
