@@ -15,6 +15,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from engine.base import Synthesizer, engine_stats
+from engine.pool import PoolEngine
 from realtime.config import ServerConfig
 from realtime.gateway import Gateway
 from realtime.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -56,7 +57,12 @@ def create_app(config: ServerConfig, engine: Synthesizer, store: SessionStore) -
             problems["engine"] = reason
         if not gateway.accepting:
             problems["server"] = "shutting down"
-        body = {"status": "ok" if not problems else "unavailable", "engine": engine.info.name, **problems}
+        body: dict[str, object] = {"status": "ok" if not problems else "unavailable", "engine": engine.info.name, **problems}
+        if isinstance(engine, PoolEngine):  # the live workers, as the pool last read them from the registry
+            body["workers"] = [
+                {"id": m.id, "address": f"{m.host}:{m.port}", "load": m.load, "health": m.health}
+                for m in engine.members
+            ]
         return JSONResponse(body, status_code=200 if not problems else 503)
 
     async def metrics_endpoint(request: Request) -> Response:

@@ -1,58 +1,122 @@
-"""The ``shoal`` command: ``serve`` (the gateway) and ``say`` (the same engine, offline, to a WAV file)."""
+"""The ``shoal`` command: ``serve`` (the gateway), ``worker`` (an engine served to gateways over the worker RPC),
+``say`` (an engine, offline, to a WAV file), ``codec`` (encode / decode with the S2 Pro codec) and ``loadtest``."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from engine.base import EngineError, SynthesisRequest, Synthesizer, VoiceRef
+from engine.base import EngineError, Sampling, Synthesizer
 from engine.registry import ENGINE_NAMES, make_engine
-from realtime.audio import write_wav
+from loadtest.cli import add_loadtest_parser, run_loadtest
 from realtime.config import ServerConfig
+from realtime.offline import CliError, SayJob, codec_decode, codec_encode, say
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
+def _bounded(kind: type, lo: float, hi: float, what: str):  # type: ignore[no-untyped-def]
+    def parse(value: str):  # type: ignore[no-untyped-def]
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {value!r}") from None
+        if not lo <= x <= hi:
+            raise argparse.ArgumentTypeError(f"{what} must be within {lo:g}..{hi:g}, got {value}")
+        return x
 
-
-def _port(value: str) -> int:
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be within 0..65535, got {port}")
-    return port
-
-
-def _nonneg_float(value: str) -> float:
-    x = float(value)
-    if not 0 <= x <= 10_000:
-        raise argparse.ArgumentTypeError(f"must be within 0..10000, got {value}")
-    return x
-
-
-def _speaker(value: str) -> int:
-    n = int(value)
-    if not 0 <= n <= 63:
-        raise argparse.ArgumentTypeError(f"speaker must be within 0..63, got {n}")
-    return n
+    return parse
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="espeak", help="synthesizer (default: espeak, built in)")
-    p.add_argument("--stub-ttft-ms", type=_nonneg_float, default=20.0, help="stub engine: delay before the first frame")
-    p.add_argument("--stub-frame-ms", type=_nonneg_float, default=12.0, help="stub engine: time per 46.4 ms codec frame")
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=ENGINE_NAMES, help="synthesizer (default: s2pro with --model, else espeak)")
+    g.add_argument("--model", metavar="DIR|REPO", help="S2 Pro checkpoint directory (or Hugging Face repo id)")
+    g.add_argument("--codec", metavar="PATH", type=Path, help="S2 Pro codec.pth (default: DIR/codec.pth)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--max-seq-len", type=_bounded(int, 64, 1 << 20, "--max-seq-len"), default=4096,
+                   help="S2 Pro context (KV cache) length in positions (default 4096)")
+    g.add_argument("--prefix-cache", choices=("on", "off"), default="on",
+                   help="S2 Pro: keep each conversation's prompt prefix cached between turns (default on)")
+    g.add_argument("--stub-ttft-ms", type=_bounded(float, 0, 60_000, "--stub-ttft-ms"), default=20.0,
+                   help="stub engine: delay before the first frame")
+    g.add_argument("--stub-frame-ms", type=_bounded(float, 0, 10_000, "--stub-frame-ms"), default=12.0,
+                   help="stub engine: time per 46.4 ms codec frame")
+
+
+def _engine_name(args: argparse.Namespace) -> str:
+    """The engine the options ask for, checked without loading anything."""
+    name: str = args.engine or ("s2pro" if args.model else "espeak")
+    if name == "s2pro" and not args.model:
+        raise CliError("the s2pro engine needs --model DIR")
+    if name != "s2pro" and args.model:
+        raise CliError(f"--model is for the s2pro engine, not {name}")
+    return name
+
+
+def _engine_argv(args: argparse.Namespace) -> tuple[str, ...]:
+    """The engine options again, as a command line for ``shoal worker`` (workers get config only this way)."""
+    argv = ["--engine", _engine_name(args), "--device", args.device, "--max-seq-len", str(args.max_seq_len),
+            "--prefix-cache", args.prefix_cache, "--stub-ttft-ms", repr(args.stub_ttft_ms),
+            "--stub-frame-ms", repr(args.stub_frame_ms)]
+    if args.model:
+        argv += ["--model", args.model]
+    if args.codec:
+        argv += ["--codec", str(args.codec)]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    return tuple(argv)
 
 
 def _engine_from_args(args: argparse.Namespace) -> Synthesizer:
-    if args.engine == "stub":
+    name = _engine_name(args)
+    if name == "s2pro":
+        return _load_s2pro(args)
+    if name == "stub":
         return make_engine("stub", ttft_ms=args.stub_ttft_ms, frame_ms=args.stub_frame_ms)
-    return make_engine(args.engine)
+    return make_engine(name)
+
+
+def _load_s2pro(args: argparse.Namespace) -> Synthesizer:
+    """Load weights now, before serving, so a bad checkpoint is a clear error rather than a failed startup."""
+    from engine.dualar.loader import ModelLoadError
+    from engine.dualar.synthesizer import DualARConfig, DualARSynthesizer
+
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    extra: dict[str, object] = {}
+    if "prefix_cache" in {f.name for f in dataclasses.fields(DualARConfig)}:
+        extra["prefix_cache"] = args.prefix_cache == "on"
+    try:
+        engine = DualARSynthesizer(
+            DualARConfig(
+                model=args.model,
+                codec=str(args.codec) if args.codec else None,
+                device=args.device,
+                dtype=dtype,
+                max_seq_len=args.max_seq_len,
+                **extra,  # type: ignore[arg-type]
+            )
+        )
+        engine.load()
+    except (ModelLoadError, EngineError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    return engine
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _check_redis_url(url: str | None) -> None:
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise CliError(f"--redis must be a redis://, rediss:// or unix:// URL, got {url!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,71 +126,136 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the WebSocket gateway (protocol v1 at /v1/realtime)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=_bounded(int, 0, 65535, "port"), default=8000,
+                       help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--redis", metavar="URL", help="use this Redis (redis://, rediss://, unix://) instead of the embedded one")
     serve.add_argument("--data-dir", type=Path, help="where the embedded Redis persists (default: per-user data dir)")
     serve.add_argument("--api-key", metavar="KEY", help="require this key (Authorization: Bearer KEY or ?token=KEY)")
+    pool = serve.add_argument_group("worker pool")
+    pool.add_argument("--workers", type=_bounded(int, 0, 64, "--workers"), default=0,
+                      help="run the engine in N local worker processes (default 0: in this process)")
+    pool.add_argument("--worker-pool", metavar="NAME",
+                      help="route to the workers registered in Redis under pool NAME (`shoal worker --pool NAME`); "
+                           "start none")
     _add_engine_options(serve)
 
-    say = sub.add_parser("say", help="synthesize TEXT to a WAV file with the same engine, offline")
-    say.add_argument("text", metavar="TEXT")
-    say.add_argument("-o", "--output", default="shoal.wav", help="WAV file to write, or - for stdout (default shoal.wav)")
-    say.add_argument("--speaker", type=_speaker, default=0, help="speaker index (default 0)")
-    say.add_argument("--voice", metavar="ID", help="voice id (the built-in voice maps each id to a stable voice)")
-    _add_engine_options(say)
+    worker = sub.add_parser("worker", help="serve an engine to gateways over the worker RPC, registered in Redis")
+    worker.add_argument("--listen", type=_host_port, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                        help="RPC address (default 127.0.0.1:0, a free port)")
+    worker.add_argument("--advertise", metavar="HOST", help="host gateways should connect to (default: the listen host)")
+    worker.add_argument("--redis", metavar="URL", help="register in this Redis (redis://, rediss://, unix://)")
+    worker.add_argument("--data-dir", type=Path,
+                        help="register in the embedded Redis of `shoal serve --data-dir DIR` (default: the per-user one)")
+    worker.add_argument("--no-register", action="store_true", help="serve the RPC without registering anywhere")
+    worker.add_argument("--pool", default="default", help="pool name in the registry (default: default)")
+    worker.add_argument("--id", dest="worker_id", metavar="ID", help="worker id in the pool (default: HOST-PID)")
+    worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by `serve --workers`
+    _add_engine_options(worker)
+
+    say_p = sub.add_parser("say", help="synthesize TEXT to a WAV file with the same engine, offline")
+    say_p.add_argument("text", metavar="TEXT")
+    say_p.add_argument("-o", "--output", default="shoal.wav", help="WAV file to write, or - for stdout (default shoal.wav)")
+    say_p.add_argument("--speaker", type=_bounded(int, 0, 63, "speaker"), default=0, help="speaker index (default 0)")
+    say_p.add_argument("--voice", metavar="ID", help="voice id (the built-in voice maps each id to a stable voice)")
+    say_p.add_argument("--reference-audio", type=Path, metavar="WAV", help="reference voice audio to clone (s2pro)")
+    say_p.add_argument("--reference-codes", type=Path, metavar="NPY", help="reference voice as codec codes (10, T)")
+    say_p.add_argument("--reference-text", metavar="T", help="transcript of the reference")
+    say_p.add_argument("--temperature", type=_bounded(float, 0, 2, "--temperature"), default=0.8)
+    say_p.add_argument("--top-p", type=_bounded(float, 1e-6, 1, "--top-p"), default=0.8)
+    say_p.add_argument("--top-k", type=_bounded(int, 0, 4096, "--top-k"), default=30)
+    say_p.add_argument("--seed", type=int, default=None)
+    say_p.add_argument("--max-frames", type=_bounded(int, 1, 20_000, "--max-frames"), default=2048)
+    say_p.add_argument("--codes-out", type=Path, metavar="NPY", help="also save the generated codes (10, frames)")
+    _add_engine_options(say_p)
+
+    codec = sub.add_parser("codec", help="S2 Pro codec: audio <-> codes")
+    codec_sub = codec.add_subparsers(dest="codec_command", required=True)
+    enc = codec_sub.add_parser("encode", help="AUDIO (wav/ogg) -> CODES.npy (10, frames)")
+    enc.add_argument("audio", type=Path, metavar="AUDIO")
+    enc.add_argument("-o", "--output", type=Path, required=True, metavar="CODES.npy")
+    dec = codec_sub.add_parser("decode", help="CODES.npy -> OUT.wav (44.1 kHz) or OUT.npy (float32 samples)")
+    dec.add_argument("codes", type=Path, metavar="CODES.npy")
+    dec.add_argument("-o", "--output", required=True, metavar="OUT")
+    for p in (enc, dec):
+        p.add_argument("--codec", type=Path, metavar="PATH", help="codec.pth")
+        p.add_argument("--model", type=Path, metavar="DIR", help="checkpoint directory holding codec.pth")
+        p.add_argument("--device", default="cpu")
+
+    add_loadtest_parser(sub)
     return parser
 
 
-async def _say(engine: Synthesizer, text: str, speaker: int, voice: str | None) -> np.ndarray:
-    await engine.start()
+def run_worker(args: argparse.Namespace) -> int:
+    from realtime.workers import WorkerOptions
+    from realtime.workers import run_worker as serve_worker
+    from sessions.embedded import EmbeddedRedis, default_data_dir
+
+    _check_redis_url(args.redis)
+    if args.no_register and (args.redis or args.data_dir):
+        raise CliError("--no-register does not go with --redis or --data-dir")
+    if args.redis and args.data_dir:
+        raise CliError("give --redis or --data-dir, not both")
+    redis_url = None
+    if not args.no_register:
+        # a gateway's embedded Redis is found by its data dir; it must be running (the worker keeps retrying)
+        redis_url = args.redis or EmbeddedRedis(args.data_dir or default_data_dir()).url
     try:
-        voices = {speaker: VoiceRef(voice=voice, text="")} if voice else {}
-        chunks = [c.pcm async for c in engine.synthesize(SynthesisRequest(text=text, speaker=speaker, voices=voices))]
-    finally:
-        await engine.aclose()
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-
-
-def run_say(args: argparse.Namespace) -> int:
-    if not args.text.strip():
-        raise CliError("TEXT is empty")
-    if args.output == "-" and sys.stdout.isatty():
-        raise CliError("refusing to write WAV audio to a terminal; use -o FILE or redirect stdout")
-    engine = _engine_from_args(args)
-    pcm = asyncio.run(_say(engine, args.text, args.speaker, args.voice))
-    if args.output == "-":
-        buf = io.BytesIO()
-        write_wav(buf, pcm, engine.info.sample_rate)
-        sys.stdout.buffer.write(buf.getvalue())
-        sys.stdout.buffer.flush()
-    else:
-        out = Path(args.output)
-        if not out.parent.is_dir():
-            raise CliError(f"output directory {out.parent} does not exist")
-        write_wav(out, pcm, engine.info.sample_rate)
-        print(f"wrote {out} ({len(pcm) / engine.info.sample_rate:.2f} s at {engine.info.sample_rate} Hz)", file=sys.stderr)
-    return 0
+        options = WorkerOptions(host=args.listen[0], port=args.listen[1], advertise=args.advertise,
+                                redis_url=redis_url, pool=args.pool, worker_id=args.worker_id,
+                                parent_pid=args.parent_pid)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return serve_worker(_engine_from_args(args), options)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from realtime.server import serve  # uvicorn only where it is needed
+    from realtime.workers import LocalWorkers, WorkerStartError
 
-    try:
-        config = ServerConfig(
-            host=args.host,
-            port=args.port,
-            redis_url=args.redis,
-            data_dir=args.data_dir,
-            api_key=args.api_key,
-            engine=args.engine,
-        )
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    if args.redis is not None and not args.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise CliError(f"--redis must be a redis://, rediss:// or unix:// URL, got {args.redis!r}")
+    _check_redis_url(args.redis)
     if args.data_dir is not None and args.data_dir.exists() and not args.data_dir.is_dir():
         raise CliError(f"--data-dir {args.data_dir} exists and is not a directory")
+    if args.workers and args.worker_pool:
+        raise CliError("give --workers N (local workers) or --worker-pool NAME (workers started elsewhere), not both")
+    try:
+        config = ServerConfig(host=args.host, port=args.port, redis_url=args.redis, data_dir=args.data_dir,
+                              api_key=args.api_key, engine=_engine_name(args))
+        if args.worker_pool:
+            return serve(config, None, worker_pool=args.worker_pool)
+        if args.workers:
+            workers = LocalWorkers(count=args.workers, engine_argv=_engine_argv(args), verbose=args.verbose)
+            return serve(config, None, workers=workers)
+    except WorkerStartError as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     return serve(config, _engine_from_args(args))
+
+
+def run_say(args: argparse.Namespace) -> int:
+    try:
+        sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_frames=args.max_frames)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.reference_audio and args.reference_codes:
+        raise CliError("give --reference-audio or --reference-codes, not both")
+    job = SayJob(text=args.text, speaker=args.speaker, voice=args.voice, reference_audio=args.reference_audio,
+                 reference_codes=args.reference_codes, reference_text=args.reference_text, sampling=sampling)
+    if not job.text.strip():
+        raise CliError("TEXT is empty")
+    return say(_engine_from_args(args), job, args.output, args.codes_out)
+
+
+def run_codec(args: argparse.Namespace) -> int:
+    codec_path = args.codec or (args.model / "codec.pth" if args.model else None)
+    if codec_path is None:
+        raise CliError("give --codec PATH or --model DIR")
+    if not codec_path.is_file():
+        raise CliError(f"codec checkpoint {codec_path} not found")
+    if args.codec_command == "encode":
+        return codec_encode(codec_path, args.audio, args.output, args.device)
+    return codec_decode(codec_path, args.codes, args.output, args.device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,10 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    commands = {"serve": run_serve, "worker": run_worker, "say": run_say, "codec": run_codec, "loadtest": run_loadtest}
     try:
-        if args.command == "serve":
-            return run_serve(args)
-        return run_say(args)
+        return commands[args.command](args)
     except CliError as exc:
         print(f"shoal {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,11 @@
 On SIGTERM / Ctrl-C: stop accepting, tell every open session it is going away (``error`` + close 1001), wait
 at most ``shutdown_timeout_s``, then let uvicorn stop; the embedded Redis is shut down last (it persists on
 SHUTDOWN), so nothing already stored is lost.
+
+With local workers (``serve --workers N``) the engine runs in N ``shoal worker`` processes that register in this
+Redis; the gateway's engine is a ``PoolEngine`` over them. They start before the gateway listens and stop after it
+has drained (before Redis). With ``worker_pool`` the gateway routes to workers started elsewhere (``shoal worker
+--redis URL --pool NAME``) and starts none.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ from typing import TextIO
 import uvicorn
 
 from engine.base import Synthesizer
+from engine.pool import PoolEngine
 from realtime.app import create_app
 from realtime.config import ServerConfig
 from realtime.gateway import Gateway
+from realtime.workers import LocalWorkers, RegistryMembers, WorkerSupervisor
 from sessions.embedded import EmbeddedRedis, default_data_dir, find_redis_server
 from sessions.store import SessionStore
+from sessions.workers import WorkerRegistry
 
 log = logging.getLogger("shoal.server")
 
@@ -63,9 +71,23 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(config: ServerConfig, engine: Synthesizer, out: TextIO = sys.stdout) -> int:
-    """Serve until a signal. Returns the process exit code."""
+def serve(
+    config: ServerConfig,
+    engine: Synthesizer | None,
+    out: TextIO = sys.stdout,
+    *,
+    workers: LocalWorkers | None = None,
+    worker_pool: str | None = None,
+) -> int:
+    """Serve until a signal. Returns the process exit code.
+
+    ``engine`` runs in process; or give ``workers`` (start local worker processes) or ``worker_pool`` (use the
+    workers registered under that pool name) and ``engine=None``. Raises ``WorkerStartError`` if a local worker
+    does not come up.
+    """
+    assert (engine is None) == (workers is not None or worker_pool is not None), "an engine, or workers"
     embedded: EmbeddedRedis | None = None
+    supervisor: WorkerSupervisor | None = None
     redis_url = config.redis_url
     if redis_url is None:
         data_dir = config.data_dir or default_data_dir()
@@ -78,6 +100,17 @@ def serve(config: ServerConfig, engine: Synthesizer, out: TextIO = sys.stdout) -
     else:
         store_desc = f"Redis at {_redact(redis_url)}"
     try:
+        pool_desc = ""
+        if workers is not None:
+            supervisor = WorkerSupervisor(workers, redis_url)
+            supervisor.start()
+            worker_pool = workers.pool
+            addresses = ", ".join(f"{c.worker_id} at {c.address}" for c in supervisor.children)
+            pool_desc = f"{workers.count} local engine workers in pool {workers.pool} ({addresses})"
+        if worker_pool is not None:
+            engine = PoolEngine(RegistryMembers(WorkerRegistry(redis_url, pool=worker_pool)))
+            pool_desc = pool_desc or f"engine workers of pool {worker_pool}"
+        assert engine is not None
         store = SessionStore(redis_url, session_ttl_s=config.session_ttl_s)
         app = create_app(config, engine, store)
         uv_config = uvicorn.Config(
@@ -86,6 +119,7 @@ def serve(config: ServerConfig, engine: Synthesizer, out: TextIO = sys.stdout) -
             port=config.port,
             log_level="warning",
             ws_max_size=config.limits.voice_message_bytes + (1 << 20),
+            ws_per_message_deflate=False,  # Opus does not compress; deflate cost 16 % more CPU under load
             ws_ping_interval=20.0,
             ws_ping_timeout=20.0,
             timeout_graceful_shutdown=2,
@@ -95,8 +129,11 @@ def serve(config: ServerConfig, engine: Synthesizer, out: TextIO = sys.stdout) -
 
         def announce() -> None:
             port = server.servers[0].sockets[0].getsockname()[1] if server.servers else config.port
+            assert engine is not None
             info = engine.info
             print(f"shoal: engine {info.name} ({info.sample_rate} Hz, cloning {'on' if info.cloning else 'off'})", file=out)
+            if pool_desc:
+                print(f"shoal: workers: {pool_desc}", file=out)
             print(f"shoal: store {store_desc}", file=out)
             print(f"shoal: listening on http://{config.host}:{port}/ (protocol v1 at ws://{config.host}:{port}/v1/realtime)", file=out)
             out.flush()
@@ -105,6 +142,8 @@ def serve(config: ServerConfig, engine: Synthesizer, out: TextIO = sys.stdout) -
         asyncio.run(server.serve())
         return 0 if server.started else 1
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         if embedded is not None:
             embedded.stop()
 
