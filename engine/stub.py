@@ -104,11 +104,11 @@ def _tone_table(frequency: float, sample_rate: int) -> np.ndarray:
 
 
 def _tone(frequency: float, start: int, count: int, sample_rate: int) -> np.ndarray:
-    """Samples [start, start + count) of the tone (a view when it does not wrap)."""
+    """Samples [start, start + count) of the tone, as a new array."""
     table = _tone_table(frequency, sample_rate)
     start %= len(table)
     if start + count <= len(table):
-        return table[start : start + count]
+        return table[start : start + count].copy()  # a copy: callers shape it in place
     return np.take(table, np.arange(start, start + count), mode="wrap")
 
 

@@ -264,7 +264,9 @@ class Connection:
         others = [t for t in self._tasks if t is not writer]
         for task in others:
             task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        # bounded: on Python 3.11 a cancel that lands inside redis-py's own wait_for can be swallowed (the lease
+        # task), and a connection must never hang on its way out
+        await asyncio.wait(others, timeout=2.0)
         # finish open turns as cut at what was sent, then let the writer drain (bounded)
         for state in list(self.turns.values()):
             if not state.done:

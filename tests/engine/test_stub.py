@@ -124,3 +124,17 @@ async def test_cloning_option_encodes_voices_deterministically() -> None:
     assert codes is not None and codes.dtype == np.int16 and codes.shape == (10, math.ceil(3 * 21.5))
     again = await synth.encode_voice(pcm, 16000, "transcript")
     assert again is not None and np.array_equal(codes, again)
+
+
+async def test_output_does_not_depend_on_earlier_requests() -> None:
+    synth = make_engine("stub", ttft_ms=0, frame_ms=0)
+    await synth.start()
+    try:
+        async def pcm(text: str) -> np.ndarray:
+            return np.concatenate([c.pcm async for c in synth.synthesize(SynthesisRequest(text))])
+
+        first = await pcm("Same words every time.")
+        await pcm("Something else in between, quite a bit longer than before.")
+        np.testing.assert_array_equal(await pcm("Same words every time."), first)
+    finally:
+        await synth.aclose()
