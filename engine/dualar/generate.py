@@ -9,6 +9,9 @@ slow AR's next input. ``prefill`` makes the first frame from the prompt, ``decod
 ``<|im_end|>`` column. ``max_frames`` bounds the frames yielded. (The reference's ``generate_long`` always drops
 the last column it generated, so with ``max_new_tokens = n`` it returns n - 1 frames even when none is
 ``<|im_end|>``; ``stream`` with ``max_frames = n - 1`` yields exactly those frames, one step sooner.)
+
+:func:`sample_frame` is the part after the slow AR, shared with the batching scheduler (``scheduler.py``), which
+runs the slow AR itself over the sequences' KV cache slots.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from engine.base import Sampling
 from engine.dualar.model import DualAR
 from engine.dualar.sampling import Sampler, main_token_ids
 
-__all__ = ["Frame", "decode_step", "generate", "make_sampler", "prefill", "stream"]
+__all__ = ["Frame", "decode_step", "generate", "make_sampler", "prefill", "sample_frame", "stream"]
 
 
 class Frame(NamedTuple):
@@ -50,8 +53,9 @@ def make_sampler(
     )
 
 
-def _frame(model: DualAR, hidden: Tensor, sampler: Sampler) -> Frame:
-    # hidden: (B, D) slow final-norm state at the last position -> one whole frame
+def sample_frame(model: DualAR, hidden: Tensor, sampler: Sampler) -> Frame:
+    """One whole frame per row from the slow AR's final-norm state at its last position, ``hidden`` (B, D): the main
+    token, then the fast AR's 9-step loop over the codebooks, batched across the B rows (fast cache rows 0..B-1)."""
     c = model.config
     logits = model.slow.logits(hidden)  # (B, V)
     main = sampler.main(logits)  # (B,)
@@ -71,13 +75,13 @@ def prefill(model: DualAR, prompt: Tensor, input_pos: Tensor, sampler: Sampler) 
     """Run the slow AR over ``prompt`` (B, 1 + C, S) at ``input_pos`` (S,) or (B, S), filling the KV cache, and
     make the first frame. ``input_pos`` may start past 0 when the cache already holds the earlier positions."""
     hidden = model.slow(prompt, input_pos)[:, -1]  # (B, D)
-    return _frame(model, hidden, sampler)
+    return sample_frame(model, hidden, sampler)
 
 
 def decode_step(model: DualAR, column: Tensor, input_pos: Tensor, sampler: Sampler) -> Frame:
     """Feed the last frame's ``column`` (B, 1 + C) at ``input_pos`` (1,) or (B, 1) and make the next frame."""
     hidden = model.slow(column[:, :, None], input_pos)[:, -1]  # (B, D)
-    return _frame(model, hidden, sampler)
+    return sample_frame(model, hidden, sampler)
 
 
 @torch.inference_mode()

@@ -8,6 +8,13 @@ codebook embeddings, scaled by 1/sqrt(11). The fast AR is seeded with the slow A
 Shapes: B batch, S new positions, L cache length, T prompt length, D model dim, H heads, K kv heads, E head dim,
 V vocabulary, C codebooks (10). ``input_pos`` is (S,) shared by the batch or (B, S) per row; None means a plain
 causal pass over the S positions without touching the KV cache.
+
+KV cache rows. By default batch row b reads and writes cache row b. A scheduler that keeps each sequence in its own
+cache row ("slot") for its whole life passes ``slots``: (B,) cache rows, or a ``slice`` when they are contiguous
+(then attention reads a view, no gather). ``kv_len`` bounds the cache positions attention reads (one more than the
+largest position of the batch is enough; the rest is masked anyway), which saves the work of attending to the
+empty tail of a long cache. :meth:`SlowAR.read_kv` / :meth:`SlowAR.write_kv` copy a slot's keys and values out and
+back in, the currency of the prefix cache.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from torch import Tensor, nn
 
 from engine.dualar.config import FastARConfig, ModelConfig, SlowARConfig, _StackConfig
 
-__all__ = ["DualAR", "FastAR", "KVCache", "RMSNorm", "SlowAR", "apply_rope", "rope_table"]
+__all__ = ["DualAR", "FastAR", "KVCache", "RMSNorm", "SlowAR", "Slots", "apply_rope", "rope_table"]
+
+Slots = Tensor | slice  # cache rows of the batch: (B,) int64, or a contiguous range
 
 
 class KVCache(nn.Module):
@@ -35,13 +44,20 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # input_pos: (B, S); k, v: (B, S, K, E) -> the first B rows of the cache: (B, K, L, E)
+    def update(
+        self, input_pos: Tensor, k: Tensor, v: Tensor, slots: Slots | None = None, kv_len: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        # input_pos: (B, S); k, v: (B, S, K, E) -> the batch's cache rows over the first kv_len positions: (B, K, L, E)
         batch = k.shape[0]
-        rows = torch.arange(batch, device=k.device)[:, None]
+        slots = slice(0, batch) if slots is None else slots
+        kv_len = self.k_cache.shape[2] if kv_len is None else kv_len
+        if isinstance(slots, slice):
+            rows = torch.arange(slots.start, slots.stop, device=k.device)[:, None]
+        else:
+            rows = slots[:, None]
         self.k_cache[rows, :, input_pos] = k
         self.v_cache[rows, :, input_pos] = v
-        return self.k_cache[:batch], self.v_cache[:batch]
+        return self.k_cache[slots, :, :kv_len], self.v_cache[slots, :, :kv_len]  # a view for a slice, else a gather
 
 
 class RMSNorm(nn.Module):
@@ -83,7 +99,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: Tensor,
+        mask: Tensor | None,
+        input_pos: Tensor | None,
+        slots: Slots | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
         # x: (B, S, D); rope: (B, S, E/2, 2); mask: (B, 1, S, L) bool or None (causal over S)
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
@@ -99,7 +123,7 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, S, E)
         else:
             assert self.kv_cache is not None, "setup_caches() before a cached forward"
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, L, E)
+            k, v = self.kv_cache.update(input_pos, k, v, slots, kv_len)  # (B, K, L, E)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
         )  # (B, H, S, E)
@@ -125,8 +149,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(
+        self,
+        x: Tensor,
+        rope: Tensor,
+        mask: Tensor | None,
+        input_pos: Tensor | None,
+        slots: Slots | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, slots, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -153,7 +185,9 @@ class _Stack(nn.Module):
             layer.attention.kv_cache = cache.to(device)
         self.cache_len = max_seq_len
 
-    def run(self, x: Tensor, input_pos: Tensor | None) -> Tensor:
+    def run(
+        self, x: Tensor, input_pos: Tensor | None, slots: Slots | None = None, kv_len: int | None = None
+    ) -> Tensor:
         # x: (B, S, D) -> final-norm hidden (B, S, D)
         bsz, seqlen, _ = x.shape
         if input_pos is None:
@@ -161,10 +195,10 @@ class _Stack(nn.Module):
         else:
             input_pos = input_pos.expand(bsz, -1) if input_pos.dim() == 1 else input_pos  # (B, S)
             rope = self.rope[input_pos]  # (B, S, E/2, 2)
-            keys = torch.arange(self.cache_len, device=x.device)
+            keys = torch.arange(self.cache_len if kv_len is None else kv_len, device=x.device)
             mask = (keys <= input_pos[..., None])[:, None]  # (B, 1, S, L)
         for layer in self._blocks():
-            x = layer(x, rope, mask, input_pos)
+            x = layer(x, rope, mask, input_pos, slots, kv_len)
         return self.norm(x)
 
     def _blocks(self) -> list[TransformerBlock]:
@@ -193,9 +227,30 @@ class SlowAR(_Stack):
         is_semantic = ((ids >= self.semantic_begin_id) & (ids <= self.semantic_end_id))[..., None]
         return torch.where(is_semantic, (x + audio) / math.sqrt(self.num_codebooks + 1), x)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, input_pos: Tensor | None = None, slots: Slots | None = None, kv_len: int | None = None
+    ) -> Tensor:
         # tokens: (B, 1 + C, S) -> final-norm hidden (B, S, D), the fast AR's seed at each position
-        return self.run(self.embed(tokens), input_pos)
+        return self.run(self.embed(tokens), input_pos, slots, kv_len)
+
+    def read_kv(self, slot: int, start: int, end: int) -> Tensor:
+        """A copy of cache row ``slot``'s keys and values at positions [start, end): (n_layer, 2, K, end - start, E)."""
+        caches = [self._cache(layer) for layer in self._blocks()]
+        pairs = [torch.stack([c.k_cache[slot, :, start:end], c.v_cache[slot, :, start:end]]) for c in caches]
+        return torch.stack(pairs)
+
+    def write_kv(self, slot: int, start: int, kv: Tensor) -> None:
+        """Put ``kv`` (n_layer, 2, K, n, E), as from :meth:`read_kv`, at positions [start, start + n) of ``slot``."""
+        end = start + kv.shape[3]
+        for i, layer in enumerate(self._blocks()):
+            cache = self._cache(layer)
+            cache.k_cache[slot, :, start:end] = kv[i, 0]
+            cache.v_cache[slot, :, start:end] = kv[i, 1]
+
+    @staticmethod
+    def _cache(layer: TransformerBlock) -> KVCache:
+        assert layer.attention.kv_cache is not None, "setup_caches() first"
+        return layer.attention.kv_cache
 
     def logits(self, hidden: Tensor) -> Tensor:
         # hidden: (..., D) -> (..., V)

@@ -11,6 +11,9 @@ reference. Both draws are always made, so a seeded generator gives the same stre
 Residual codes (fast AR) use the request's temperature / top-p / top-k with no mask and no RAS.
 
 Everything is batched: logits are (B, V) and each row has its own parameters; no step synchronizes with the host.
+Random numbers come from one generator for the whole batch, or from one generator per row (``Generators``): a
+scheduler batching independent requests gives each its own seeded generator, and then every row draws exactly the
+numbers it would draw decoded alone, whichever rows it shares a step with.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor
 from engine.base import Sampling
 
 __all__ = [
+    "Generators",
     "RAS_TEMPERATURE",
     "RAS_TOP_P",
     "RAS_WINDOW",
@@ -39,11 +43,14 @@ RAS_TEMPERATURE = 1.0
 RAS_TOP_P = 0.9
 _MIN_TEMPERATURE = 1e-5  # the reference's clip; rows at 0 are taken greedily instead
 
+Generators = torch.Generator | Sequence[torch.Generator | None] | None  # one for the batch, or one per row
+
 
 class SamplingParams(NamedTuple):
     temperature: Tensor  # (B,) float32
     top_p: Tensor  # (B,) float32
     top_k: Tensor  # (B,) int64; 0 = off
+    k_bound: int = 0  # the largest top_k when every row has one, else 0: only that many candidates need sorting
 
     @classmethod
     def of(cls, sampling: Sampling | Sequence[Sampling], device: torch.device | str = "cpu") -> SamplingParams:
@@ -52,32 +59,45 @@ class SamplingParams(NamedTuple):
             torch.tensor([s.temperature for s in rows], dtype=torch.float32, device=device),
             torch.tensor([s.top_p for s in rows], dtype=torch.float32, device=device),
             torch.tensor([s.top_k for s in rows], dtype=torch.long, device=device),
+            max(s.top_k for s in rows) if all(s.top_k > 0 for s in rows) else 0,
         )
 
     def with_temperature_top_p(self, temperature: float, top_p: float) -> SamplingParams:
         return SamplingParams(
-            torch.full_like(self.temperature, temperature), torch.full_like(self.top_p, top_p), self.top_k
+            torch.full_like(self.temperature, temperature), torch.full_like(self.top_p, top_p), self.top_k, self.k_bound
         )
 
 
 def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     # logits: (B, V) -> probs (B, V) float32 after top-p, top-k and temperature
     logits = logits.float()
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    rank = torch.arange(logits.shape[-1], device=logits.device)
-    top_k = torch.where(params.top_k > 0, params.top_k, logits.shape[-1])
+    vocab = logits.shape[-1]
+    if 0 < params.k_bound < vocab:  # top-k bounds the candidates: a partial sort is enough
+        sorted_logits, order = torch.topk(logits, params.k_bound, dim=-1)
+    else:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cumulative = torch.exp(sorted_logits - torch.logsumexp(logits, dim=-1, keepdim=True)).cumsum(dim=-1)
+    rank = torch.arange(sorted_logits.shape[-1], device=logits.device)
+    top_k = torch.where(params.top_k > 0, params.top_k, vocab)
     drop = ((cumulative > params.top_p[:, None]) & (params.top_p[:, None] < 1.0)) | (rank >= top_k[:, None])
     drop[:, 0] = False
-    drop = drop.scatter(-1, order, drop)  # back to vocabulary order
+    drop = torch.ones_like(logits, dtype=torch.bool).scatter(-1, order, drop)  # vocabulary order; unsorted: dropped
     logits = logits.masked_fill(drop, float("-inf"))
     return torch.softmax(logits / params.temperature.clamp(min=_MIN_TEMPERATURE)[:, None], dim=-1)
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+def _race(probs: Tensor, generator: Generators) -> Tensor:
+    # (B, V) standard exponential noise: from one generator, or row b from generator[b] (None: the default one)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.empty_like(probs).exponential_(generator=generator)
+    rows = zip(probs, generator, strict=True)
+    return torch.stack([torch.empty_like(row).exponential_(generator=g) for row, g in rows])
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: Generators = None) -> Tensor:
     # logits: (B, V) -> (B,) int64 indices into V
     probs = logits_to_probs(logits, params)
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
+    race = _race(probs, generator).clamp_(min=1e-20)
     drawn = torch.argmax(probs / race, dim=-1)  # an exact draw from probs (exponential race)
     return torch.where(params.temperature == 0, torch.argmax(logits, dim=-1), drawn)
 
@@ -91,7 +111,11 @@ def main_token_ids(
 
 
 class Sampler:
-    """Sampling state of a batch of sequences: parameters, the allowed main tokens, the RAS window, the RNG."""
+    """Sampling state of a batch of sequences: parameters, the allowed main tokens, the RAS window, the RNG.
+
+    ``window`` (B, RAS_WINDOW) resumes the RAS windows of sequences sampled before (a scheduler rebuilds the
+    sampler of each step from its sequences' state and reads :attr:`window` back); default: empty.
+    """
 
     def __init__(
         self,
@@ -99,7 +123,8 @@ class Sampler:
         *,
         main_ids: Tensor,
         semantic_range: tuple[int, int],
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
+        window: Tensor | None = None,
     ):
         device = main_ids.device
         self.params = SamplingParams.of(sampling, device)
@@ -107,7 +132,12 @@ class Sampler:
         self.main_ids = main_ids  # (M,)
         self.semantic_begin_id, self.semantic_end_id = semantic_range
         self.generator = generator
-        self.window = torch.full((len(self.params.temperature), RAS_WINDOW), -1, dtype=torch.long, device=device)
+        rows = len(self.params.temperature)
+        if window is None:
+            window = torch.full((rows, RAS_WINDOW), -1, dtype=torch.long, device=device)
+        if window.shape != (rows, RAS_WINDOW):
+            raise ValueError(f"window must have shape ({rows}, {RAS_WINDOW}), got {tuple(window.shape)}")
+        self.window = window
 
     def main(self, logits: Tensor) -> Tensor:
         # logits: (B, V) slow AR -> (B,) main token ids; remembers them for RAS

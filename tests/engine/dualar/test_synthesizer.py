@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -125,3 +126,85 @@ def test_bad_config_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         DualARConfig(model="x", first_chunk_frames=9, max_chunk_frames=8)
     assert torch.get_default_dtype() == torch.float32
+
+
+# ---- many streams on one model (the batching scheduler), the prefix cache, the context budget
+
+
+async def test_concurrent_streams_share_the_model_and_each_equals_its_stream_alone(engine) -> None:
+    texts = ["Hi there.", "A longer sentence to say.", "Third.", "<|speaker:1|>Fourth voice here."]
+    requests = [SynthesisRequest(text=t, sampling=Sampling(temperature=0.0, seed=i, max_frames=6 + 2 * i))
+                for i, t in enumerate(texts)]
+    together = await asyncio.gather(*(collect(engine, r) for r in requests))
+    assert engine.stats()["steps_total"] < sum(r.sampling.max_frames for r in requests)  # batched
+    for request, chunks in zip(requests, together, strict=True):
+        codes = np.concatenate([c.codes for c in chunks], axis=1)
+        alone = generate(engine._model, engine.prompt(request), request.sampling,
+                         generator=torch.Generator().manual_seed(request.sampling.seed)).numpy()
+        np.testing.assert_array_equal(codes, alone)
+
+
+async def test_the_next_turn_reuses_the_conversation_and_stats_say_so(engine) -> None:
+    from engine.base import engine_stats
+
+    ref = VoiceRef(voice="v", text="Hello.", codes=np.ones((10, 5), np.int16))
+    first = SynthesisRequest(text="One.", voices={0: ref}, sampling=GREEDY)
+    codes = np.concatenate([c.codes for c in await collect(engine, first)], axis=1)
+    second = SynthesisRequest(text="Two.", speaker=1, voices={0: ref}, history=[PastTurn(0, "One.", codes)],
+                              sampling=GREEDY)
+    await collect(engine, second)
+    stats = engine_stats(engine)
+    assert stats["prefix_cache_hits_total"] == 1 and stats["prefix_cache_misses_total"] == 1
+    assert stats["prefix_cache_tokens_reused_total"] == engine.prompt(first).shape[1] + 12 - 1
+    assert stats["prefix_cache_bytes"] > 0 and stats["frames_total"] >= 24
+
+
+async def test_the_prefix_cache_can_be_switched_off_and_changes_nothing_audible() -> None:
+    synth = DualARSynthesizer(DualARConfig(model=str(MODEL_DIR), codec=str(CODEC), progress=False, prefix_cache=False))
+    await synth.start()
+    try:
+        first = SynthesisRequest(text="One.", sampling=GREEDY)
+        a = np.concatenate([c.codes for c in await collect(synth, first)], axis=1)
+        second = SynthesisRequest(text="Two.", history=[PastTurn(0, "One.", a)], sampling=GREEDY)
+        b = np.concatenate([c.codes for c in await collect(synth, second)], axis=1)
+        assert "prefix_cache_hits_total" not in synth.stats()
+        expected = generate(synth._model, synth.prompt(second), GREEDY, generator=torch.Generator().manual_seed(0))
+        np.testing.assert_array_equal(b, expected.numpy())
+    finally:
+        await synth.aclose()
+
+
+async def test_a_stalled_consumer_does_not_stall_other_streams(engine) -> None:
+    decoded_on: set[str] = set()
+    original = engine._decode
+
+    def probe(decoder, frames):
+        decoded_on.add(threading.current_thread().name)
+        return original(decoder, frames)
+
+    engine._decode = probe
+    stalled = engine.synthesize(SynthesisRequest(text="x", sampling=Sampling(temperature=0.0, max_frames=2000)))
+    await anext(stalled)  # then never pulled again: its sequence pauses at its buffer bound
+    try:
+        t0 = time.monotonic()
+        chunks = await collect(engine, SynthesisRequest(text="Other.", sampling=GREEDY))
+        assert sum(c.codes.shape[1] for c in chunks) == 12 and time.monotonic() - t0 < 30
+        assert engine.stats()["batch_running"] == 1  # the stalled one, paused, holding its slot
+    finally:
+        await stalled.aclose()
+    assert decoded_on and all(name.startswith("s2pro-decode") for name in decoded_on)  # off the scheduler thread
+
+
+async def test_a_history_beyond_the_context_budget_is_dropped_oldest_first() -> None:
+    synth = DualARSynthesizer(DualARConfig(model=str(MODEL_DIR), codec=str(CODEC), max_seq_len=256, progress=False))
+    await synth.start()
+    try:
+        history = [PastTurn(i % 2, f"Turn number {i}.", np.full((10, 20), i, np.int16)) for i in range(12)]
+        request = SynthesisRequest(text="Now.", history=history, sampling=GREEDY)
+        prompt = synth.prompt(request)
+        assert prompt.shape[1] < 256 and synth._prompts.build("Now.", history=history).shape[1] > 256
+        assert sum(c.codes.shape[1] for c in await collect(synth, request)) == 12
+    finally:
+        await synth.aclose()
+    with pytest.raises(ValueError):
+        DualARConfig(model="x", max_seq_len=256, context_budget=256)
