@@ -42,6 +42,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="S2 Pro context (KV cache) length in positions (default 4096)")
     g.add_argument("--prefix-cache", choices=("on", "off"), default="on",
                    help="S2 Pro: keep each conversation's prompt prefix cached between turns (default on)")
+    g.add_argument("--backend", choices=("torch", "sglang"), default="torch",
+                   help="S2 Pro backend: torch (CPU or GPU) or sglang (GPU only; pip install '.[sglang]')")
     g.add_argument("--stub-ttft-ms", type=_bounded(float, 0, 60_000, "--stub-ttft-ms"), default=20.0,
                    help="stub engine: delay before the first frame")
     g.add_argument("--stub-frame-ms", type=_bounded(float, 0, 10_000, "--stub-frame-ms"), default=12.0,
@@ -62,7 +64,7 @@ def _engine_argv(args: argparse.Namespace) -> tuple[str, ...]:
     """The engine options again, as a command line for ``shoal worker`` (workers get config only this way)."""
     argv = ["--engine", _engine_name(args), "--device", args.device, "--max-seq-len", str(args.max_seq_len),
             "--prefix-cache", args.prefix_cache, "--stub-ttft-ms", repr(args.stub_ttft_ms),
-            "--stub-frame-ms", repr(args.stub_frame_ms)]
+            "--stub-frame-ms", repr(args.stub_frame_ms), "--backend", args.backend]
     if args.model:
         argv += ["--model", args.model]
     if args.codec:
@@ -81,8 +83,27 @@ def _engine_from_args(args: argparse.Namespace) -> Synthesizer:
     return make_engine(name)
 
 
+def _load_s2pro_sglang(args: argparse.Namespace) -> Synthesizer:
+    """The SGLang backend, checked (a CUDA GPU, the sglang extra) and started now, before serving."""
+    from engine.sglang import SGLangConfig, SGLangSynthesizer
+
+    device = "cuda:0" if args.device == "cpu" else args.device
+    if not device.startswith("cuda"):
+        raise CliError(f"--backend sglang runs on a CUDA GPU (--device cuda[:N]), not {args.device}")
+    try:
+        engine = SGLangSynthesizer(SGLangConfig(
+            model=args.model, codec=str(args.codec) if args.codec else None, gpu=int(device.partition(":")[2] or 0),
+            dtype=args.dtype or "bfloat16", max_seq_len=args.max_seq_len, warm_cache=args.prefix_cache == "on"))
+        engine.load()
+    except (EngineError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    return engine
+
+
 def _load_s2pro(args: argparse.Namespace) -> Synthesizer:
     """Load weights now, before serving, so a bad checkpoint is a clear error rather than a failed startup."""
+    if args.backend == "sglang":
+        return _load_s2pro_sglang(args)
     from engine.dualar.loader import ModelLoadError
     from engine.dualar.synthesizer import DualARConfig, DualARSynthesizer
 
@@ -182,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
 
     add_loadtest_parser(sub)
+    bench = sub.add_parser("bench", help="measure the S2 Pro engine on random weights: engine | prefix | batch",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -258,13 +282,34 @@ def run_codec(args: argparse.Namespace) -> int:
     return codec_decode(codec_path, args.codes, args.output, args.device)
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    return bench_main(args.bench_args)
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    """``shoal bench engine|prefix|batch``: parsed here, lazily, so torch loads only for benchmarks."""
+    from engine.dualar import bench as bench_engine
+    from engine.dualar import bench_batch
+
+    parser = argparse.ArgumentParser(prog="shoal bench", description="S2 Pro engine benchmarks (random weights)")
+    sub = parser.add_subparsers(dest="bench", required=True)
+    bench_engine.add_parser(sub)
+    bench_batch.add_parser(sub)
+    parsed = parser.parse_args(list(argv))
+    return int(parsed.bench_main(parsed) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser (and its --help), built only when asked for
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    commands = {"serve": run_serve, "worker": run_worker, "say": run_say, "codec": run_codec, "loadtest": run_loadtest}
+    commands = {"serve": run_serve, "worker": run_worker, "say": run_say, "codec": run_codec, "loadtest": run_loadtest,
+                "bench": run_bench}
     try:
         return commands[args.command](args)
     except CliError as exc:

@@ -184,6 +184,20 @@ class CodecConfig:
         )
 
     @classmethod
+    def small(cls) -> CodecConfig:
+        """A CPU-sized codec for benchmarks (random weights): the real layout, rates and codebook sizes, with a
+        quarter of the channels and 2-layer pre/post transformers (about 1/30 of the real parameters)."""
+        module = TransformerConfig(n_layer=2, n_head=4, dim=256, head_dim=64, intermediate_size=768, window=128)
+        return cls(
+            encoder_dim=16,
+            latent_dim=256,
+            decoder_dim=384,
+            encoder_transformer_layers=(0, 0, 0, 1),
+            pre_module=module,
+            post_module=module,
+        )
+
+    @classmethod
     def from_json(cls, path: str | Path) -> CodecConfig:
         """Read a ``codec_config.json`` in the fixture's format (see :meth:`from_dict`)."""
         with open(path, encoding="utf-8") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import wave
@@ -80,3 +81,45 @@ def test_clear_errors(tmp_path: Path) -> None:
     assert run.returncode == 2 and "--reference-text" in run.stderr
     run = shoal("say", "Hi.", "--model", str(MODEL_DIR), "--codec", CODEC, "--temperature", "5")
     assert run.returncode == 2 and "temperature" in run.stderr
+
+
+def test_done_when_say_writes_the_reference_codes_and_codec_decode_matches(tmp_path: Path) -> None:
+    """Issue 3's "done when", as written: the exact `shoal say` command (no -o: shoal.wav lands in the working
+    directory) writes the reference's greedy codes, and `shoal codec decode` reproduces the reference audio."""
+    golden_a = np.load(FIXTURES / "a_slow_ar_prompt.npz")
+    golden_c = np.load(FIXTURES / "c_greedy_generate.npz")
+    golden_d = np.load(FIXTURES / "d_codec_decode.npz")
+    ref, out = tmp_path / "REF.npy", tmp_path / "OUT.npy"
+    np.save(ref, golden_a["ref_codes"])  # (10, 12) int64
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run(
+        [sys.executable, "-m", "realtime", "say", "<|speaker:0|>[whisper] Hi there.", "--model", str(MODEL_DIR),
+         "--codec", CODEC, "--reference-codes", str(ref), "--reference-text", "Hello.", "--temperature", "0",
+         "--max-frames", "8", "--codes-out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    codes = np.load(out)
+    expected = golden_c["codes_generate_long"]  # (10, 8)
+    assert codes.shape == expected.shape == (10, 8)
+    np.testing.assert_array_equal(codes.astype(np.int64), expected)
+    pcm, rate = read_wav(tmp_path / "shoal.wav")
+    assert rate == 44100 and len(pcm) == 8 * 2048
+
+    codes_in, audio_out = tmp_path / "d_codes.npy", tmp_path / "d_audio.npy"
+    np.save(codes_in, golden_d["codes"])  # (10, 16) int64
+    run = shoal("codec", "decode", str(codes_in), "-o", str(audio_out), "--codec", CODEC)
+    assert run.returncode == 0, run.stderr
+    audio = np.load(audio_out)
+    assert audio.dtype == np.float32 and audio.shape == golden_d["audio"].shape == (16 * 2048,)
+    np.testing.assert_allclose(audio, golden_d["audio"], rtol=0, atol=1e-4)
+
+
+def test_bench_and_backend_commands_answer_clearly() -> None:
+    helped = shoal("bench", "--help")
+    assert helped.returncode == 0 and "engine" in helped.stdout and "prefix" in helped.stdout
+    bad = shoal("bench", "batch", "--preset", "huge")
+    assert bad.returncode == 2 and "preset" in bad.stderr
+    no_gpu = shoal("serve", "--port", "0", "--backend", "sglang", "--model", str(MODEL_DIR))
+    assert no_gpu.returncode == 2 and "sglang" in no_gpu.stderr and "Traceback" not in no_gpu.stderr

@@ -236,6 +236,19 @@ def test_streaming_decode_equals_whole_decode(codec: Codec, chunking: list[int])
     np.testing.assert_allclose(np.concatenate(parts), whole, rtol=0, atol=STREAM_TOL)
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_streaming_in_equal_chunks_equals_whole_decode_within_1e5(codec: Codec, fixtures: Path, size: int) -> None:
+    """The issue's check: chunks of exactly 1, 2, 3 and 5 frames (30 frames = a whole number of each) == a whole
+    decode within 1e-5, for random codes and for the fixture's codes."""
+    golden = np.load(fixtures / "d_codec_decode.npz")["codes"]  # (10, 16)
+    for codes in (_random_codes(codec.config, 30, seed=size), np.concatenate([golden, golden[:, :14]], axis=1)):
+        whole = _whole_decode(codec, codes)
+        stream = codec.stream()
+        parts = [stream.decode(codes[:, start : start + size]) for start in range(0, 30, size)]
+        assert {len(p) for p in parts} == {size * 2048}
+        np.testing.assert_allclose(np.concatenate(parts), whole, rtol=0, atol=1e-5)
+
+
 def test_streaming_reproduces_golden_audio_frame_by_frame(codec: Codec, fixtures: Path) -> None:
     golden = np.load(fixtures / "d_codec_decode.npz")
     stream = codec.stream()

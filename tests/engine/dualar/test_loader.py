@@ -188,3 +188,31 @@ def test_resolve_repo_id_downloads_through_the_hub(monkeypatch: pytest.MonkeyPat
     assert calls[0]["local_files_only"] is True
     with pytest.raises(ModelLoadError, match="cannot download 'nobody/nothing'.*LocalEntryNotFoundError: offline"):
         resolve_model_path("nobody/nothing")
+
+
+def _truncate(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    path.unlink()  # copies of the read-only fixture files stay read-only; a new file is writable
+    path.write_bytes(data[:keep])
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 5], ids=["half", "last-byte-missing", "header-cut"])
+def test_truncated_shard_names_the_file(tmp_path: Path, keep: float) -> None:
+    """An interrupted download: the shard exists but is cut short. One ModelLoadError naming that shard."""
+    for file in MODEL_DIR.iterdir():
+        shutil.copy(file, tmp_path / file.name)
+    shard = tmp_path / "model-00002-of-00002.safetensors"
+    size = shard.stat().st_size
+    _truncate(shard, int(size * keep) if keep < 1 else int(keep))
+    with pytest.raises(ModelLoadError, match=r"cannot read .*model-00002-of-00002\.safetensors: .*header") as info:
+        load_model(tmp_path, dtype="float32", progress=False)
+    assert "model-00001" not in str(info.value)  # the intact shard is not blamed
+
+
+@pytest.mark.parametrize("layout", ["single", "pth"])
+def test_truncated_single_file_is_a_load_error(tmp_path: Path, weights: dict[str, torch.Tensor], layout: str) -> None:
+    path = _checkpoint(tmp_path, weights, layout)
+    file = path / ("model.safetensors" if layout == "single" else "model.pth")
+    _truncate(file, file.stat().st_size // 2)
+    with pytest.raises(ModelLoadError, match=rf"cannot read .*{file.name}"):
+        load_model(path, dtype="float32", progress=False)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.dualar.config import load_config
 from engine.dualar.loader import load_model
 from engine.dualar.model import DualAR, RMSNorm, rope_table
+from engine.dualar.presets import preset_config, random_model
 from tests.engine.dualar import MODEL_DIR, golden, requires_fixtures
 
 pytestmark = requires_fixtures
@@ -105,3 +107,34 @@ def test_bfloat16_model_stays_close_to_float32() -> None:
     reference = _t("a", "hidden")
     cosine = torch.nn.functional.cosine_similarity(hidden, reference, dim=-1)
     assert cosine.min() > 0.99
+
+
+def test_tiny_preset_is_the_fixture_config() -> None:
+    assert preset_config("tiny") == load_config(MODEL_DIR)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset_config("huge")
+
+
+def test_s2pro_preset_has_the_published_sizes() -> None:
+    """S2PRO.md: about 4.1 B slow + 0.42 B fast parameters; the slow KV cache is 144 KiB per position in bf16.
+    Built on the meta device: shapes only, no memory."""
+    config = preset_config("s2pro")
+    assert (config.slow.dim, config.slow.n_layer, config.slow.n_head, config.slow.n_local_heads) == (2560, 36, 32, 8)
+    assert (config.slow.vocab_size, config.codebook_size, config.num_codebooks) == (155776, 4096, 10)
+    with torch.device("meta"):
+        model = DualAR(config).to(torch.bfloat16)
+    assert round(sum(p.numel() for p in model.slow.parameters()) / 1e8) == 41
+    assert round(sum(p.numel() for p in model.fast.parameters()) / 1e7) == 42
+    model.setup_caches(1, 1)
+    kv = sum(b.numel() * b.element_size() for name, b in model.slow.named_buffers() if "kv_cache" in name)
+    assert kv == 144 * 1024
+
+
+@torch.inference_mode()
+def test_random_preset_model_is_seeded_and_runs() -> None:
+    first, again, other = random_model("tiny", seed=1), random_model("tiny", seed=1), random_model("tiny", seed=2)
+    weight = "slow.layers.0.attention.wqkv.weight"
+    assert torch.equal(first.state_dict()[weight], again.state_dict()[weight])
+    assert not torch.equal(first.state_dict()[weight], other.state_dict()[weight])
+    hidden = first.slow(_t("a", "prompt")[None])
+    assert hidden.shape == (1, 174, 64) and torch.isfinite(hidden).all()
