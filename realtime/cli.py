@@ -36,7 +36,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="DIR|REPO", help="S2 Pro checkpoint directory (or Hugging Face repo id)")
     g.add_argument("--codec", metavar="PATH", type=Path, help="S2 Pro codec.pth (default: DIR/codec.pth)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--max-seq-len", type=_bounded(int, 64, 1 << 20, "--max-seq-len"), default=4096,
                    help="S2 Pro context (KV cache) length in positions (default 4096)")

@@ -113,7 +113,7 @@ def say(engine: Synthesizer, job: SayJob, output: str, codes_out: Path | None) -
     if codes_out is not None:
         if codes is None:
             raise CliError(f"the {engine.info.name} engine produces no codec codes")
-        np.save(codes_out, codes)
+        np.save(codes_out, codes.astype(np.int64))  # codes files: int64, (10, frames)
         print(f"wrote {codes_out} ({codes.shape[1]} frames)", file=sys.stderr)
     return 0
 
@@ -125,7 +125,7 @@ def codec_encode(codec_path: Path, audio: Path, out: Path, device: str) -> int:
     if not out.parent.is_dir():
         raise CliError(f"output directory {out.parent} does not exist")
     codec = load_codec(codec_path, device=device)
-    codes = np.asarray(codec.encode(pcm, rate), dtype=np.int16)
+    codes = np.asarray(codec.encode(pcm, rate), dtype=np.int64)  # codes files: int64, (10, frames)
     np.save(out, codes)
     print(f"wrote {out}: codes {codes.shape} ({len(pcm) / rate:.2f} s of audio)", file=sys.stderr)
     return 0

@@ -59,26 +59,10 @@ LINES = (
 
 
 def byte_tokenizer() -> Tokenizer:
-    """A byte-level BPE tokenizer without merges: byte b is id b, then the 12 special tokens (ids 256..267)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """The byte-level tokenizer of the presets (bytes, then the 12 specials, then the semantic tokens)."""
+    from engine.dualar.presets import byte_level_tokenizer
 
-    alphabet = _bytes_to_unicode()
-    tok = Tokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIALS))
-    return tok
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's reversible byte -> printable character map, the alphabet of byte-level BPE
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    chars, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
+    return byte_level_tokenizer(4096)
 
 
 def _setup(preset: str, device: str, dtype: str, max_seq_len: int, batch: int) -> tuple[DualAR, PromptBuilder]:

@@ -13,7 +13,22 @@ import torch
 from engine.dualar.config import ModelConfig
 from engine.dualar.model import DualAR
 
-__all__ = ["PRESETS", "preset_config", "random_model"]
+__all__ = ["PRESETS", "SPECIAL_TOKENS", "byte_level_tokenizer", "preset_config", "random_codec", "random_model"]
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|pad|>",
+    "<|phoneme_start|>",
+    "<|phoneme_end|>",
+    "<|text|>",
+    "<|voice|>",
+    "<|interleave|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|audio_pad|>",
+)
 
 _SPECIALS = 12  # <|endoftext|> .. <|audio_pad|> after the 256 byte tokens, as in the fixture's tokenizer
 
@@ -94,3 +109,45 @@ def random_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.f
             param.copy_(values.to(dtype))
     model.init_buffers()
     return model.requires_grad_(False).eval()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # the byte-level BPE alphabet: printable bytes stand for themselves, the rest are shifted past 255
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+def byte_level_tokenizer(num_semantic: int):  # -> tokenizers.Tokenizer
+    """Bytes 0..255 as ids 0..255, the 12 specials from 256, ``<|semantic:i|>`` = 268 + i (the fixture's layout)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [*SPECIAL_TOKENS, *(f"<|semantic:{i}|>" for i in range(num_semantic))]
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    return tokenizer
+
+
+def random_codec(name: str, *, device: str = "cpu", seed: int = 0):  # -> engine.dualar.codec.Codec
+    """The codec that goes with a model preset (tiny = the fixture's shapes, small = CPU-sized, s2pro = the real
+    one), random weights, float32; the global RNG is left untouched."""
+    from engine.dualar.codec import Codec, CodecConfig, ModifiedDAC
+
+    configs = {"tiny": CodecConfig.tiny, "small": CodecConfig.small, "s2pro": CodecConfig.s2pro}
+    if name not in configs:
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(configs)})")
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with dev:
+            model = ModifiedDAC(configs[name]())
+    return Codec(model.eval().requires_grad_(False))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -61,8 +62,8 @@ class DualARConfig:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if not 1 <= self.first_chunk_frames <= self.max_chunk_frames <= 256:
             raise ValueError("need 1 <= first_chunk_frames <= max_chunk_frames <= 256")
         if not 64 <= self.max_seq_len <= 1 << 20:
@@ -119,15 +120,27 @@ class DualARSynthesizer:
         from engine.dualar.scheduler import Scheduler, SchedulerConfig
 
         cfg = self.config
-        path = resolve_model_path(cfg.model)
-        codec_path = Path(cfg.codec) if cfg.codec else path / "codec.pth"
-        if not codec_path.is_file():
-            raise EngineError(f"codec checkpoint {codec_path} not found (give --codec PATH)")
         dtype = getattr(torch, cfg.dtype)
-        model = load_model(path, device=cfg.device, dtype=dtype, progress=cfg.progress)
+        if cfg.model.startswith("preset:"):  # random weights of a size preset: for speed measurements only
+            from engine.dualar.presets import byte_level_tokenizer, random_codec, random_model
+
+            name = cfg.model.partition(":")[2]
+            print(f"shoal: WARNING: --model {cfg.model} has RANDOM WEIGHTS: real shapes and speed, the audio is noise",
+                  file=sys.stderr, flush=True)
+            model = random_model(name, device=cfg.device, dtype=dtype)
+            codec = random_codec(name, device=cfg.device)
+            c = model.config
+            self._prompts = PromptBuilder(byte_level_tokenizer(c.num_semantic_tokens), semantic_begin_id=c.semantic_begin_id,
+                                          num_codebooks=c.num_codebooks, codebook_size=c.codebook_size)
+        else:
+            path = resolve_model_path(cfg.model)
+            codec_path = Path(cfg.codec) if cfg.codec else path / "codec.pth"
+            if not codec_path.is_file():
+                raise EngineError(f"codec checkpoint {codec_path} not found (give --codec PATH)")
+            model = load_model(path, device=cfg.device, dtype=dtype, progress=cfg.progress)
+            codec = load_codec(codec_path, device=cfg.device, dtype=torch.float32)
+            self._prompts = PromptBuilder.from_pretrained(path, model.config)
         model.setup_caches(cfg.max_batch_size, cfg.max_seq_len)
-        codec = load_codec(codec_path, device=cfg.device, dtype=torch.float32)
-        self._prompts = PromptBuilder.from_pretrained(path, model.config)
         self._scheduler = Scheduler(
             model,
             SchedulerConfig(

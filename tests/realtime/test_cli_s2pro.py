@@ -31,7 +31,7 @@ def test_say_then_codec_round_trip(tmp_path: Path) -> None:
     run = shoal("say", "Hello there.", *model, "--seed", "3", "--max-frames", "12", "-o", str(wav), "--codes-out", str(codes))
     assert run.returncode == 0, run.stderr
     generated = np.load(codes)
-    assert generated.shape == (10, 12) and generated.dtype == np.int16
+    assert generated.shape == (10, 12) and generated.dtype == np.int64  # codes files are int64 (10, T)
     pcm, rate = read_wav(wav)
     assert rate == 44100 and len(pcm) == 12 * 2048
     # decoding the saved codes offline gives the audio `say` streamed (16-bit WAV rounding apart)
@@ -123,3 +123,13 @@ def test_bench_and_backend_commands_answer_clearly() -> None:
     assert bad.returncode == 2 and "preset" in bad.stderr
     no_gpu = shoal("serve", "--port", "0", "--backend", "sglang", "--model", str(MODEL_DIR))
     assert no_gpu.returncode == 2 and "sglang" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
+
+
+def test_random_weight_presets_say_so_loudly(tmp_path: Path) -> None:
+    out, codes = tmp_path / "p.wav", tmp_path / "p.npy"
+    run = shoal("say", "Hi there.", "--model", "preset:tiny", "--max-frames", "6", "-o", str(out), "--codes-out", str(codes))
+    assert run.returncode == 0, run.stderr
+    assert "RANDOM WEIGHTS" in run.stderr
+    assert np.load(codes).shape == (10, 6)
+    bad = shoal("say", "Hi.", "--model", "preset:huge", "-o", str(out))
+    assert bad.returncode != 0 and "huge" in bad.stderr and "Traceback" not in bad.stderr
