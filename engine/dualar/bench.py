@@ -50,27 +50,15 @@ SERVER_SAMPLING = {"temperature": 0.8, "top_p": 0.8, "top_k": 30}
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    import torch
+    from engine.dualar.loader import resolve_dtype  # torch loads only when a benchmark runs
 
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if isinstance(dtype, str):
-        if dtype not in names:
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-        return names[dtype]
-    if dtype not in names.values():
-        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    return dtype
+    return resolve_dtype(dtype)
 
 
 def _device(device: str) -> torch.device:
-    import torch
+    from engine.dualar.loader import resolve_device
 
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is cuda but CUDA is not available on this machine")
-    return dev
+    return resolve_device(device)
 
 
 def codec_config(preset: str) -> CodecConfig:

@@ -165,7 +165,8 @@ def _check(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[in
         raise ModelLoadError(f"checkpoint {path} does not fit its config.json:\n  " + "\n  ".join(problems))
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """float32 / bfloat16, by name or as a torch dtype; anything else is a ValueError."""
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -175,12 +176,13 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def _device(device: torch.device | str) -> torch.device:
+def resolve_device(device: torch.device | str) -> torch.device:
+    """cpu or cuda[:N], and CUDA only where it is available; anything else is a ValueError."""
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device}")
+        raise ValueError(f"device must be cpu or cuda[:N], got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is cuda but CUDA is not available")
+        raise ValueError("device is cuda but CUDA is not available on this machine")
     return device
 
 
@@ -204,7 +206,7 @@ def load_model(
     ``progress`` shows a tqdm bar on stderr while tensors are copied. Raises ModelLoadError for a missing or wrong
     checkpoint (including a bad config.json) and ValueError for a bad device or dtype.
     """
-    path, device, dtype = Path(path), _device(device), _dtype(dtype)
+    path, device, dtype = Path(path), resolve_device(device), resolve_dtype(dtype)
     if not path.is_dir():
         raise ModelLoadError(f"model directory {path} does not exist")
     if config is None:
