@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -18,6 +20,7 @@ from engine.base import Synthesizer, engine_stats
 from engine.pool import PoolEngine
 from realtime.config import ServerConfig
 from realtime.gateway import Gateway
+from realtime.liveness import capture_protocol
 from realtime.metrics import CONTENT_TYPE_LATEST, Metrics
 from sessions.store import SessionStore, StoreError
 
@@ -26,8 +29,14 @@ log = logging.getLogger("shoal.app")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def create_app(config: ServerConfig, engine: Synthesizer, store: SessionStore) -> Starlette:
-    """An app serving protocol v1 at /v1/realtime. Engine and store are started and closed by its lifespan."""
+def create_app(
+    config: ServerConfig,
+    engine: Synthesizer,
+    store: SessionStore,
+    store_status: Callable[[], Mapping[str, Any]] | None = None,
+) -> Starlette:
+    """An app serving protocol v1 at /v1/realtime. Engine and store are started and closed by its lifespan.
+    ``store_status``: the embedded Redis's supervisor state, shown by /healthz (outage, restarts)."""
     metrics = Metrics()
     metrics.add_engine(lambda: engine_stats(engine))
     gateway = Gateway(config, engine, store, metrics)
@@ -52,12 +61,17 @@ def create_app(config: ServerConfig, engine: Synthesizer, store: SessionStore) -
             await store.ping()
         except StoreError as exc:
             problems["store"] = str(exc)
+        redis = dict(store_status()) if store_status is not None else None
+        if redis is not None and redis.get("state") != "up" and "store" not in problems:
+            problems["store"] = f"embedded Redis is {redis.get('state')}"
         reason = engine.health()
         if reason is not None:
             problems["engine"] = reason
         if not gateway.accepting:
             problems["server"] = "shutting down"
         body: dict[str, object] = {"status": "ok" if not problems else "unavailable", "engine": engine.info.name, **problems}
+        if redis is not None:
+            body["redis"] = redis  # state, restarts, last exit and restart: an outage and its recovery stay visible
         if isinstance(engine, PoolEngine):  # the live workers, as the pool last read them from the registry
             body["workers"] = [
                 {"id": m.id, "address": f"{m.host}:{m.port}", "load": m.load, "health": m.health}
@@ -80,7 +94,8 @@ def create_app(config: ServerConfig, engine: Synthesizer, store: SessionStore) -
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
     else:
         routes.append(Route("/", no_web))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    # first in the stack, so it sees uvicorn's own send (the slow-reader watchdog reads its keepalive state)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(capture_protocol)])
     app.state.gateway = gateway
     app.state.metrics = metrics
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from realtime.conversation import Limits
+from realtime.turns import Limits
 
 
 @dataclass(frozen=True)
@@ -15,10 +15,11 @@ class GatewayLimits:
     voice_min_s: float = 1.0
     voice_max_s: float = 60.0
     idle_timeout_s: float = 120.0  # no message for this long closes the connection (pings keep it alive)
-    send_timeout_s: float = 5.0  # a client that does not take a frame for this long is dropped
+    send_timeout_s: float = 5.0  # a client that takes no frame for this long is told (limit) and dropped
     audio_queue_packets: int = 256  # outgoing audio buffered per connection (pacing keeps it far lower)
     control_queue_messages: int = 256
-    playback_grace_ms: float = 300.0  # after cancel, wait this long for a playback report before storing
+    store_drain_s: float = 10.0  # on close, how long turns not yet stored keep being retried (a Redis restart)
+    liveness_ping_s: float = 1.0  # WebSocket ping period: a pong proves the client read everything before it
     lease_ms: int = 15_000  # session ownership lease in the store, refreshed every lease/3
     busy_wait_ms: float = 1500.0  # how long session.start waits for a previous connection to let go
     turn: Limits = field(default_factory=Limits)
@@ -28,7 +29,7 @@ class GatewayLimits:
             raise ValueError("message size limits are too small")
         if not 0 < self.voice_min_s <= self.voice_max_s:
             raise ValueError("voice duration limits are inconsistent")
-        for name in ("idle_timeout_s", "send_timeout_s", "playback_grace_ms"):
+        for name in ("idle_timeout_s", "send_timeout_s", "store_drain_s", "liveness_ping_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.lease_ms < 1000:

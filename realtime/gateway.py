@@ -1,15 +1,17 @@
-"""The WebSocket shell around the sans-I/O protocol: one ``Connection`` per socket, pumped by three tasks.
+"""The WebSocket shell around the sans-I/O turn machine: one ``Connection`` per socket, a task group around it.
 
-    receive loop ──► Conversation (pure) ──events──► jobs queue ──► turn runner ──► engine ──► encoder
-         │                                                                             │
-         └─────────── control messages ──────────► Outbox (control first) ◄── paced audio
-                                                        │
-                                                   send loop ──► socket
+    receive ──► TurnMachine (pure: every turn's state) ──jobs──► synthesize ──► engine ──► encoder
+       │              │        ▲                                                            │
+       │              │        └──── chunks, packets, turn.done sent, store results ────────┤
+       └── control ───┴──────────────────► Outbox (control first) ◄────── paced audio ──────┘
+                                                │
+                                              send ──► socket            write ──► store (in order, retried)
 
-The receive loop never waits on synthesis, so ``cancel`` and ``ping`` are answered at once. The turn runner
-pulls audio from the engine only as fast as pacing allows (``lead_ms`` ahead of the client's playback
-clock), so the engine is throttled to real time and a cancelled turn stops costing compute. Finished turns
-are written to the store by a writer task, in order, retried while the store is down.
+The receive task never waits on synthesis, so ``cancel`` and ``ping`` are answered at once; it waits only for
+room in the control lane, so a client that does not read its answers is not read either. The synthesize task
+pulls audio from the engine only as fast as pacing allows (``lead_ms`` ahead of the client's playback clock), so
+the engine is throttled to real time and a cancelled turn stops costing compute. The connection keeps no turn
+state: what a turn is, sent, heard and stored lives in ``realtime.turns.TurnMachine``.
 """
 
 from __future__ import annotations
@@ -21,27 +23,20 @@ import os
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from engine.base import EngineError, PastTurn, Sampling, SynthesisRequest, Synthesizer, VoiceRef
+from engine.base import EngineError, Sampling, SynthesisRequest, Synthesizer, VoiceRef
 from realtime.audio import AudioEncoder, OutputFormat, read_audio_bytes
 from realtime.config import ServerConfig
-from realtime.conversation import (
-    CancelTurns,
-    Conversation,
-    EndTurn,
-    Event,
-    PlaybackReported,
-    Send,
-    SynthesizeSegment,
-)
+from realtime.liveness import ReadProbe
 from realtime.metrics import Metrics
 from realtime.outbox import Close, Outbox, OutboxFull
+from realtime.turns import Finish, Job, Output, Send, Stop, Stream, Synthesize, TurnMachine, Write
 from realtime.protocol import (
     Audio,
     Cancel,
@@ -76,9 +71,9 @@ log = logging.getLogger("shoal.gateway")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
 CLOSE_BUSY = 4409  # application code: the session is live on another connection
 READY_HISTORY_TURNS = 50  # turns of text session.ready carries on resume
-CODEC_FRAME_MS = 1000.0 / 21.5  # S2 Pro codec frame; used to apply sampling.max_frames to any engine
 
 
 class Gateway:
@@ -129,42 +124,6 @@ class Gateway:
         self.codec_pool.shutdown(wait=False, cancel_futures=True)
 
 
-@dataclass
-class _Seg:
-    start_ms: float  # where its audio starts within the turn
-    text: str
-    speaker: int
-    codes: list[np.ndarray] = field(default_factory=list)  # (10, k) chunks, for engines with codes
-
-
-@dataclass
-class _Turn:
-    """Gateway-side state of one turn: what was sent, when, and what to store."""
-
-    turn: int
-    speaker: int
-    ready_at: float | None = None  # first segment ready (TTFA start)
-    first_sent_at: float | None = None
-    seq: int = 0  # audio packets made (and enqueued) for this turn
-    delivered: int = 0  # audio packets handed to the socket (a barge-in drops the rest)
-    sent_ms: float = 0.0  # audio enqueued for this turn
-    engine_ms: float = 0.0  # audio produced by the engine for this turn
-    segments: list[_Seg] = field(default_factory=list)  # segments whose audio started, in order
-    encoder: AudioEncoder | None = None
-    played_ms: float | None = None
-    played: asyncio.Event = field(default_factory=asyncio.Event)
-    cancelled: bool = False
-    failed: bool = False
-    length: bool = False
-    done: bool = False
-
-    @property
-    def ttfa_ms(self) -> float | None:
-        if self.ready_at is None or self.first_sent_at is None:
-            return None
-        return round((self.first_sent_at - self.ready_at) * 1000.0, 3)
-
-
 class _PlaybackClock:
     """Where the client's playback is, assuming it plays what it gets in real time and stalls when dry."""
 
@@ -188,7 +147,13 @@ class _PlaybackClock:
         self.pos_ms = self.sent_ms
 
 
+class _Gone(Exception):
+    """The connection is over: the client left, or the server closed it."""
+
+
 class Connection:
+    """One socket. Holds no turn state of its own: the ``TurnMachine`` owns every turn; this class pumps it."""
+
     def __init__(self, gateway: Gateway, ws: WebSocket) -> None:
         self.gw = gateway
         self.ws = ws
@@ -199,22 +164,33 @@ class Connection:
         self.session: Session | None = None
         self.output = OutputFormat()
         self.sampling = Sampling()
-        self.conversation: Conversation | None = None
-        self.history: list[Turn] = []  # stored turns (cut where cancelled), oldest first
+        self.machine: TurnMachine | None = None
         self.voices: dict[str, Voice] = {}
-        self.turns: dict[int, _Turn] = {}
-        self.jobs: asyncio.Queue[Event] = asyncio.Queue(maxsize=4096)
-        self.writes: asyncio.Queue[_Turn] = asyncio.Queue(maxsize=1024)
         self.clock = _PlaybackClock()
-        self._current: tuple[int, asyncio.Task[None]] | None = None  # (turn, segment task)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self.probe: ReadProbe | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._live: asyncio.TaskGroup | None = None
+        self._work = asyncio.Event()  # the machine has a synthesis job
+        self._writes = asyncio.Event()  # the machine has a record to store
+        self._current: tuple[int, asyncio.Task[None]] | None = None  # (turn, job task) being synthesized
+        self._encoders: dict[int, AudioEncoder] = {}  # per turn being synthesized: a resource, not turn state
         self._closing = False
+        self._slow = False  # dropped as a slow reader
+        self._drain_until = 0.0
         self._send_started: float | None = None  # when the frame being sent was handed to the socket
         self._last_received = time.monotonic()
+
+    @property
+    def sid(self) -> str:
+        return self.session.id if self.session is not None else "-"
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
+        """Accept, then run receive / send / synthesize / watchdog (and the lease, once started) as one task
+        group, with the store writer around it. A task that fails ends the group: logged once with the session
+        id, the client gets ``error internal`` (fatal) and a close, and everything is released."""
+        self._task = asyncio.current_task()
         await self.ws.accept()
         if not self.gw.authorized(self.ws):
             await self._refuse("unauthorized", "missing or wrong API key", CLOSE_POLICY)
@@ -222,17 +198,29 @@ class Connection:
         if not self.gw.accepting:
             await self._refuse("internal", "server is shutting down; reconnect later", CLOSE_GOING_AWAY)
             return
-        self._tasks = [
-            asyncio.create_task(self._receive_loop(), name="receive"),
-            asyncio.create_task(self._send_loop(), name="send"),
-            asyncio.create_task(self._run_turns(), name="turns"),
-            asyncio.create_task(self._write_turns(), name="writer"),
-            asyncio.create_task(self._watchdog(), name="watchdog"),
-        ]
+        self.probe = ReadProbe.of(self.ws.scope)
+        failure: BaseException | None = None
         try:
-            await asyncio.wait(self._tasks[:2], return_when=asyncio.FIRST_COMPLETED)
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self._write_loop(), name="write")
+                try:
+                    async with asyncio.TaskGroup() as live:
+                        self._live = live
+                        live.create_task(self._receive_loop(), name="receive")
+                        live.create_task(self._send_loop(), name="send")
+                        live.create_task(self._synthesis_loop(), name="synthesize")
+                        live.create_task(self._watchdog(), name="watchdog")
+                except* _Gone:
+                    pass
+                finally:
+                    self._live = None
+                    await self._wind_down(writer)
+        except* _Gone:
+            pass
+        except* Exception as eg:
+            failure = eg
         finally:
-            await self._finish()
+            await self._release(failure)
 
     async def _refuse(self, code: str, message: str, close_code: int) -> None:
         """Refuse the connection with a fatal error, in the encoding of the client's first frame if one comes
@@ -245,58 +233,97 @@ class Connection:
                 encoding = Encoding.MSGPACK
         except TimeoutError:
             pass  # a silent client gets JSON
-        frame = encode(Error(code=code, message=message, fatal=True), encoding)
-        try:
-            if isinstance(frame, bytes):
-                await self.ws.send_bytes(frame)
-            else:
-                await self.ws.send_text(frame)
-            await self.ws.close(close_code)
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            pass  # the client left first: nothing to tell it
+        await self._send_now(Error(code=code, message=message, fatal=True), encoding, close_code)
 
-    async def _finish(self) -> None:
+    async def _send_now(self, msg: ServerMessage, encoding: Encoding, close_code: int) -> None:
+        """Send one message straight to the socket and close it (refusals, failures): bounded, never raises."""
+        frame = encode(msg, encoding)
+        try:
+            async with asyncio.timeout(2.0):
+                if isinstance(frame, bytes):
+                    await self.ws.send_bytes(frame)
+                else:
+                    await self.ws.send_text(frame)
+                await self.ws.close(close_code)
+        except (WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
+            pass  # the client left first (or does not read): nothing more to tell it
+
+    async def _wind_down(self, writer: asyncio.Task[None]) -> None:
+        """The socket is done: finish every turn as cut where sending stopped, then give the writer a bounded
+        time (``store_drain_s``: long enough for the embedded Redis to restart) to store what is left."""
         self._closing = True
         self.outbox.close()
-        if self._current is not None:
-            self._current[1].cancel()
-        writer = self._tasks[3]
-        others = [t for t in self._tasks if t is not writer]
-        for task in others:
-            task.cancel()
-        # bounded: on Python 3.11 a cancel that lands inside redis-py's own wait_for can be swallowed (the lease
-        # task), and a connection must never hang on its way out
-        await asyncio.wait(others, timeout=2.0)
-        # finish open turns as cut at what was sent, then let the writer drain (bounded)
-        for state in list(self.turns.values()):
-            if not state.done:
-                state.cancelled = True
-                self._finalize(state)
-        for state in self.turns.values():
-            state.played.set()  # no more playback reports can come
-        await _wait_drained(self.writes, writer, 3.0)
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        self._work.set()
+        if self.machine is not None:
+            for turn, reason in self.machine.close(time.monotonic()):
+                self.gw.metrics.turns.labels(reason).inc()
+        self._drain_until = time.monotonic() + self.limits.store_drain_s
+        self._writes.set()
+        done, _ = await asyncio.wait([writer], timeout=self.limits.store_drain_s + 2.0)
+        if not done:
+            writer.cancel()
+
+    async def _release(self, failure: BaseException | None) -> None:
+        if failure is not None:
+            log.error("session %s: connection failed", self.sid, exc_info=failure)
+            self.gw.metrics.connection_failures.inc()
+            self.gw.metrics.errors.labels("internal").inc()
+            await self._send_now(Error("internal", "internal server error; reconnect to resume", fatal=True),
+                                 self.encoding, CLOSE_INTERNAL)
         if self.session is not None:
             self.gw.metrics.sessions_open.dec()
             try:
                 await self.gw.store.release(self.session.id, self.owner)
             except StoreError as exc:
-                log.warning("session %s: could not release ownership: %s", self.session.id, exc)
+                log.warning("session %s: could not release ownership (its lease runs out by itself): %s", self.sid, exc)
+        if self.probe is not None and self._slow:
+            self.probe.abort()  # its buffers are full: a close handshake would wait on it
         if self.ws.application_state is not WebSocketState.DISCONNECTED:
             try:
-                await self.ws.close(1000)
-            except (WebSocketDisconnect, RuntimeError, OSError):
-                pass  # the peer left first: nothing left to tell
+                async with asyncio.timeout(2.0):
+                    await self.ws.close(1000)
+            except (WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
+                if self.probe is not None:
+                    self.probe.abort()
 
     def going_away(self) -> None:
         """Server shutdown: stop turns, tell the client, close with 1001."""
-        self._cancel_active()
+        if self.machine is not None:
+            self._apply(self.machine.cancel(None))
         self._fatal("internal", "server is shutting down; reconnect to resume the session", CLOSE_GOING_AWAY)
 
     def abort(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    # ------------------------------------------------------------------ the machine's outputs
+
+    def _apply(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Send):
+                self._send(out.message)
+            elif isinstance(out, Stream):
+                self.outbox.put_stream(out.message)
+            elif isinstance(out, Stop):
+                self._stop(out.turns)
+        self._poke()
+
+    def _poke(self) -> None:
+        machine = self.machine
+        if machine is not None:
+            if machine.has_job():
+                self._work.set()
+            if machine.has_write():
+                self._writes.set()
+
+    def _stop(self, turns: tuple[int, ...]) -> None:
+        """Barge-in: silence now (drop queued audio, stop the engine step, drop the encoder)."""
+        self.outbox.drop_audio(set(turns))
+        self.clock.reset(time.monotonic())
+        if self._current is not None and self._current[0] in turns:
+            self._current[1].cancel()
+        for turn in turns:
+            self._encoders.pop(turn, None)
 
     # ------------------------------------------------------------------ sending
 
@@ -306,7 +333,7 @@ class Connection:
         try:
             self.outbox.put(msg)
         except OutboxFull:
-            log.warning("dropping a client that does not read its messages")
+            log.warning("session %s: the client does not read its messages; dropping it", self.sid)
             self.outbox.close()
 
     def _error(self, exc: ProtocolError) -> None:
@@ -316,7 +343,8 @@ class Connection:
             self._send(exc.to_message())
 
     def _fatal(self, code: str, message: str, close_code: int) -> None:
-        self.outbox.drop_audio(set(self.turns))
+        if self.machine is not None:
+            self.outbox.drop_audio(set(self.machine.active_turns))
         self._send(Error(code=code, message=message, fatal=True))
         try:
             self.outbox.put(Close(close_code, message[:120]))
@@ -324,67 +352,81 @@ class Connection:
             self.outbox.close()
 
     async def _send_loop(self) -> None:
-        """Send in order. A send that blocks longer than ``send_timeout_s`` (a client that stopped reading) is
-        ended by ``_watch_sends``: one watchdog per connection instead of a timer per frame."""
+        """Send in order (control first). A client that stops reading is found by the watchdog."""
         while True:
             item = await self.outbox.get()
             if item is None:
-                return
-            self._send_started = time.monotonic()
+                raise _Gone
+            now = time.monotonic()
+            if isinstance(item, TurnDone):  # what was really sent, and TTFA, are known only now
+                assert self.machine is not None
+                final = self.machine.done_sent(item.turn, now)
+                if final is None:
+                    continue
+                item = final
+                self.gw.metrics.turns.labels(item.reason).inc()
+                self._poke()
+            self._send_started = now
             try:
                 if isinstance(item, Close):
                     await self.ws.close(item.code, item.reason)
-                    return
-                if isinstance(item, TurnDone):  # what was really sent, and TTFA, are known only now
-                    state = self.turns.get(item.turn)
-                    if state is not None:
-                        item = replace(item, ttfa_ms=state.ttfa_ms, frames=state.delivered,
-                                       audio_ms=round(state.delivered * self.output.frame_ms, 3))
+                    raise _Gone
                 frame = encode(item, self.encoding)
                 if isinstance(frame, bytes):
                     await self.ws.send_bytes(frame)
                 else:
                     await self.ws.send_text(frame)
             except (WebSocketDisconnect, RuntimeError, OSError):
-                return  # the peer is gone
+                raise _Gone from None  # the peer is gone
             finally:
                 self._send_started = None
             if isinstance(item, Audio):
-                self._on_audio_sent(item)
+                assert self.machine is not None
+                ttfa_ms = self.machine.packet_sent(item.turn, time.monotonic())
+                if ttfa_ms is not None:
+                    self.gw.metrics.ttfa.observe(ttfa_ms / 1000.0)
+                self.gw.metrics.audio_seconds.inc(self.output.frame_ms / 1000.0)
 
     async def _watchdog(self) -> None:
-        """One timer per connection: a client that stopped reading is dropped, an idle one told and closed."""
+        """One timer per connection: a client that takes no frame for ``send_timeout_s`` is told and dropped, an
+        idle one told and closed; old turns are settled."""
         timeout, idle = self.limits.send_timeout_s, self.limits.idle_timeout_s
+        idle_told = False
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4, idle / 4))
+            await asyncio.sleep(0.25)
             now = time.monotonic()
-            started = self._send_started
-            if started is not None and now - started > timeout:
-                log.warning("client read nothing for %.1f s: dropping it", timeout)
-                self._tasks[1].cancel()  # the send loop: run() sees it end and closes the connection
-                return
-            if now - self._last_received > idle:
+            if self.probe is not None:
+                waited = self.probe.unanswered_s()  # the client has not read up to our last ping
+            else:
+                started = self._send_started
+                waited = 0.0 if started is None else now - started
+            if waited > timeout:
+                await self._drop_slow_reader(waited)
+            if now - self._last_received > idle and not idle_told:
+                idle_told = True
                 self._fatal("limit", f"no message for {idle:.0f} s (send ping to keep alive)", 1000)
-                return
+            if self.machine is not None:
+                self._apply(self.machine.tick(now))
 
-    def _on_audio_sent(self, msg: Audio) -> None:
-        state = self.turns.get(msg.turn)
-        if state is not None:
-            state.delivered += 1
-        if state is not None and state.first_sent_at is None:
-            state.first_sent_at = time.monotonic()
-            if state.ttfa_ms is not None:
-                self.gw.metrics.ttfa.observe(state.ttfa_ms / 1000.0)
-        self.gw.metrics.audio_seconds.inc(self.output.frame_ms / 1000.0)
+    async def _drop_slow_reader(self, waited: float) -> None:
+        log.warning("session %s: the client took no frame for %.1f s: dropping it", self.sid, waited)
+        self.gw.metrics.slow_readers.inc()
+        self._slow = True
+        if self.machine is not None:
+            self._apply(self.machine.cancel(None))
+        self._fatal("limit", f"slow reader: no message taken for {waited:.0f} s; closing", CLOSE_POLICY)
+        await asyncio.sleep(0.5)  # room for the error and the close frame to reach the socket's buffers
+        raise _Gone
 
     # ------------------------------------------------------------------ receiving
 
     async def _receive_loop(self) -> None:
         while True:
+            await self.outbox.control_room()  # a client that does not read its answers is not read either
             message = await self.ws.receive()
             self._last_received = time.monotonic()
             if message["type"] == "websocket.disconnect":
-                return
+                raise _Gone
             frame = message.get("bytes")
             if frame is None:
                 frame = message.get("text")
@@ -416,7 +458,7 @@ class Connection:
                 self.encoding = Encoding.JSON
             self._error(exc)
         except StoreError as exc:
-            log.warning("store error: %s", exc)
+            log.warning("session %s: store error: %s", self.sid, exc)
             self._send(Error("internal", f"session store unavailable, try again: {exc}"))
 
     async def _dispatch(self, msg: ClientMessage) -> None:
@@ -425,9 +467,8 @@ class Connection:
         elif isinstance(msg, SessionStart):
             await self._start(msg)
         elif isinstance(msg, (Text, Flush, TurnEnd, Cancel, Playback)):
-            assert self.conversation is not None
-            for event in self.conversation.receive(msg):
-                self._on_event(event)
+            assert self.machine is not None
+            self._apply(self.machine.receive(msg))
         elif isinstance(msg, VoiceCreate):
             await self._create_voice(msg)
         elif isinstance(msg, SessionUpdate):
@@ -455,20 +496,29 @@ class Connection:
             session.speakers = [Speaker(s.speaker, s.voice) for s in speakers or []]
             session.output = output.to_wire()
             session.sampling = _sampling_to_wire(sampling)
+            history: list[Turn] = []
             if stored is None:
                 await store.create_session(session)
-                self.history = []
             else:
                 await store.save_session(session)
-                self.history = await store.load_turns(session_id)
-                session.turns = len(self.history)
+                history = await store.load_turns(session_id)
+                session.turns = len(history)
         except BaseException:
             await store.release(session_id, self.owner)
             raise
         self.session, self.output, self.sampling = session, output, sampling
-        self.conversation = Conversation(next_turn=session.turns, limits=self.limits.turn)
+        info = self.gw.engine.info
+        self.machine = TurnMachine(
+            history,
+            sample_rate=info.sample_rate,
+            frame_ms=info.frame_ms,
+            output_frame_ms=output.frame_ms,
+            max_frames=sampling.max_frames,
+            limits=self.limits.turn,
+        )
         self.gw.metrics.sessions_open.inc()
-        self._tasks.append(asyncio.create_task(self._keep_lease(), name="lease"))
+        assert self._live is not None
+        self._live.create_task(self._keep_lease(), name="lease")
         self._send(self._ready(resumed=stored is not None))
 
     async def _acquire(self, session_id: str) -> bool:
@@ -482,17 +532,18 @@ class Connection:
         return True
 
     def _ready(self, resumed: bool) -> SessionReady:
-        assert self.session is not None
+        assert self.session is not None and self.machine is not None
+        history = self.machine.history
         return SessionReady(
             session=self.session.id,
             engine=self.gw.engine.info.to_wire(),
             output=self.output.to_wire(),
             resumed=resumed,
-            turns=self.session.turns,
+            turns=len(history),
             speakers=tuple(SpeakerSpec(s.speaker, s.voice) for s in self.session.speakers),
             history=tuple(
                 {"turn": t.index, "speaker": t.speaker, "text": t.text, "state": t.state, "audio_ms": t.audio_ms}
-                for t in self.history[-READY_HISTORY_TURNS:]
+                for t in history[-READY_HISTORY_TURNS:]
             )
             or None,
         )
@@ -532,14 +583,15 @@ class Connection:
             self.voices[spec.voice] = voice
 
     async def _update(self, msg: SessionUpdate) -> None:
-        assert self.session is not None and self.conversation is not None
-        if self.conversation.active_turns:
+        assert self.session is not None and self.machine is not None
+        if self.machine.active_turns:
             raise ProtocolError("bad_message", "session.update is only accepted between turns")
         output, sampling = self._settings(msg.output, msg.sampling, self.output, self.sampling)
         if msg.speakers is not None:
             await self._load_voices(list(msg.speakers))
             self.session.speakers = [Speaker(s.speaker, s.voice) for s in msg.speakers]
         self.output, self.sampling = output, sampling
+        self.machine.configure(output_frame_ms=output.frame_ms, max_frames=sampling.max_frames)
         self.session.output, self.session.sampling = output.to_wire(), _sampling_to_wire(sampling)
         await self.gw.store.save_session(self.session)
         self._send(self._ready(resumed=True))
@@ -552,11 +604,12 @@ class Connection:
             try:
                 ok = await self.gw.store.refresh(self.session.id, self.owner, self.limits.lease_ms)
                 if not ok and not await self.gw.store.acquire(self.session.id, self.owner, self.limits.lease_ms):
-                    self._cancel_active()
+                    if self.machine is not None:
+                        self._apply(self.machine.cancel(None))
                     self._fatal("busy", "another connection took over this session", CLOSE_BUSY)
                     return
             except StoreError as exc:
-                log.warning("session %s: lease refresh failed: %s", self.session.id, exc)
+                log.warning("session %s: lease refresh failed: %s", self.sid, exc)
 
     # ------------------------------------------------------------------ voices
 
@@ -592,230 +645,144 @@ class Connection:
         frames = int(codes.shape[-1]) if codes is not None else 0
         self._send(VoiceCreated(voice=voice.voice, seconds=voice.seconds, frames=frames))
 
-    # ------------------------------------------------------------------ turns
+    # ------------------------------------------------------------------ synthesis
 
-    def _on_event(self, event: Event) -> None:
-        if isinstance(event, Send):
-            if isinstance(event.message, TurnStarted):
-                self.turns[event.message.turn] = _Turn(event.message.turn, event.message.speaker)
-            self._send(event.message)
-        elif isinstance(event, CancelTurns):
-            self._cancel(event.turns)
-        elif isinstance(event, PlaybackReported):
-            state = self.turns.get(event.turn)
-            if state is not None and not state.played.is_set():
-                state.played_ms = event.played_ms
-                state.played.set()
-        else:
-            try:
-                self.jobs.put_nowait(event)
-            except asyncio.QueueFull:
-                raise ProtocolError("limit", "too many segments waiting; slow down or send turn.end") from None
-
-    def _cancel_active(self) -> None:
-        if self.conversation is not None:
-            events = self.conversation.receive(Cancel())
-            for event in events:
-                self._on_event(event)
-
-    def _cancel(self, turns: tuple[int, ...]) -> None:
-        """Barge-in: silence now (drop queued audio, stop the engine), finish the turns in order."""
-        cancelled = set(turns)
-        for t in turns:
-            self.turns[t].cancelled = True
-        self.outbox.drop_audio(cancelled)
-        self.clock.reset(time.monotonic())
-        if self._current is not None and self._current[0] in cancelled:
-            self._current[1].cancel()
-        self.jobs.put_nowait(CancelTurns(turns))
-
-    async def _run_turns(self) -> None:
-        while True:
-            job = await self.jobs.get()
-            if isinstance(job, SynthesizeSegment):
-                state = self.turns[job.turn]
-                if state.cancelled or state.failed or state.length:
-                    continue
-                task = await self._run_current(state, self._synthesize(state, job))
-                if not task.cancelled() and task.exception() is not None:
-                    exc = task.exception()
-                    state.failed = True
-                    if isinstance(exc, EngineError):
-                        self._send(Error("engine_unavailable", f"turn {state.turn}: {exc}"))
-                    else:
-                        log.error("turn %d failed", state.turn, exc_info=exc)
-                        self._send(Error("internal", f"turn {state.turn} failed: {type(exc).__name__}"))
-            elif isinstance(job, EndTurn):
-                state = self.turns[job.turn]
-                if not state.cancelled:
-                    await self._run_current(state, self._drain_encoder(state))
-                if not state.cancelled:
-                    self._finalize(state)
-            elif isinstance(job, CancelTurns):
-                for t in job.turns:
-                    self._finalize(self.turns[t])
-
-    async def _run_current(self, state: _Turn, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run one step of a turn as the cancellable current task (a barge-in cancels it) and wait for it."""
-        task = asyncio.create_task(work)
-        self._current = (state.turn, task)
+    async def _synthesis_loop(self) -> None:
+        """Run the machine's jobs one at a time; a barge-in cancels the job of its turn (``_stop``)."""
         try:
-            await asyncio.wait([task])
+            while True:
+                job = self.machine.next_job() if self.machine is not None else None
+                if job is None:
+                    if self._closing:
+                        return
+                    self._work.clear()
+                    await self._work.wait()
+                    continue
+                task = asyncio.create_task(self._run_job(job), name=f"turn-{job.turn}")
+                self._current = (job.turn, task)
+                try:
+                    await asyncio.wait([task])
+                finally:
+                    self._current = None
+                exc = None if task.cancelled() else task.exception()
+                assert self.machine is not None
+                if isinstance(job, Synthesize):
+                    error = None
+                    if isinstance(exc, EngineError):
+                        error = str(exc)
+                    elif exc is not None:
+                        log.error("session %s: turn %d segment %d failed", self.sid, job.turn, job.segment, exc_info=exc)
+                        error = f"internal error ({type(exc).__name__}); the turn ends here"
+                    self._apply(self.machine.segment_finished(job.turn, job.segment, error))
+                else:
+                    if exc is not None:
+                        raise exc
+                    self._apply(self.machine.audio_finished(job.turn))
         finally:
-            self._current = None
-            if not task.done():
-                task.cancel()
-        return task
+            if self._current is not None:
+                self._current[1].cancel()
 
-    async def _synthesize(self, state: _Turn, job: SynthesizeSegment) -> None:
-        assert self.session is not None
-        if state.ready_at is None:
-            state.ready_at = job.ready_at
-        if state.encoder is None:
-            state.encoder = AudioEncoder(self.output, self.gw.engine.info.sample_rate)
-        # max_frames bounds the whole turn: each segment gets what the earlier ones left
-        max_ms = self.sampling.max_frames * CODEC_FRAME_MS
-        left = max(1, round((max_ms - state.engine_ms) / CODEC_FRAME_MS))
+    async def _run_job(self, job: Job) -> None:
+        if isinstance(job, Finish):
+            encoder = self._encoders.pop(job.turn, None)
+            if encoder is not None:
+                await self._emit(job.turn, await self._encode(lambda _: encoder.flush(), np.zeros(0, np.float32)))
+            return
+        assert self.session is not None and self.machine is not None
+        machine, info = self.machine, self.gw.engine.info
+        encoder = self._encoders.get(job.turn)
+        if encoder is None:
+            encoder = self._encoders[job.turn] = AudioEncoder(self.output, info.sample_rate)
+        max_frames = self.sampling.max_frames
+        if job.max_samples is not None and info.frame_ms is not None:
+            per_frame = round(info.frame_ms * info.sample_rate / 1000.0)
+            max_frames = max(1, min(max_frames, -(-job.max_samples // per_frame)))
         request = SynthesisRequest(
             text=job.text,
             speaker=job.speaker,
             voices=self._voice_refs(),
-            history=self._past(state),
-            sampling=replace(self.sampling, max_frames=min(left, self.sampling.max_frames)),
+            history=machine.past(job.turn),
+            sampling=replace(self.sampling, max_frames=max_frames),
             session=self.session.id,
         )
-        rate = self.gw.engine.info.sample_rate
-        seg: _Seg | None = None
         stream = self.gw.engine.synthesize(request)
         try:
             async for chunk in stream:
-                if seg is None:
-                    seg = _Seg(state.sent_ms, job.text, job.speaker)
-                    state.segments.append(seg)
-                    await self.outbox.put_audio(Segment(turn=state.turn, text=job.text, ms=round(state.sent_ms, 3)))
-                if chunk.codes is not None:
-                    seg.codes.append(np.asarray(chunk.codes, dtype=np.int16))
-                pcm = chunk.pcm
-                if state.engine_ms + len(pcm) * 1000.0 / rate > max_ms:
-                    pcm = pcm[: max(0, int((max_ms - state.engine_ms) * rate / 1000.0))]
-                    state.length = True
-                state.engine_ms += len(pcm) * 1000.0 / rate
-                await self._emit(state, await self._encode(state.encoder.push, pcm))
-                if state.length:
+                keep, announce = machine.segment_audio(job.turn, job.segment, len(chunk.pcm), chunk.codes)
+                if announce is not None:
+                    await self.outbox.put_audio(announce)
+                if keep:
+                    pcm = chunk.pcm if keep == len(chunk.pcm) else chunk.pcm[:keep]
+                    await self._emit(job.turn, await self._encode(encoder.push, pcm))
+                if not machine.wants_audio(job.turn):
                     break
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
-        if state.engine_ms >= max_ms - CODEC_FRAME_MS / 2:  # the engine stopped at the limit, not by itself
-            state.length = True
-        if state.length:
-            await self._drain_encoder(state)
 
     async def _encode(self, fn: Callable[[np.ndarray], list[bytes]], pcm: np.ndarray) -> list[bytes]:
         """Resample + encode off the event loop (libopus and libsoxr release the GIL): the loop only moves bytes."""
         return await asyncio.get_running_loop().run_in_executor(self.gw.codec_pool, fn, pcm)
 
-    async def _emit(self, state: _Turn, packets: list[bytes]) -> None:
+    async def _emit(self, turn: int, packets: list[bytes]) -> None:
+        """Queue packets, never more than ``lead_ms`` ahead of the client's playback clock."""
+        assert self.machine is not None
         frame_ms = self.output.frame_ms
         lead = float(self.output.lead_ms)
         for data in packets:
             ahead = self.clock.ahead_ms(time.monotonic())
             if ahead > lead:
                 await asyncio.sleep((ahead - lead) / 1000.0)
-            if state.cancelled:  # a barge-in while this step was pacing or encoding: nothing more of it goes out
+            msg = self.machine.packet(turn, data)
+            if msg is None:  # a barge-in while this step was pacing or encoding: nothing more of it goes out
                 raise asyncio.CancelledError
-            msg = Audio(turn=state.turn, seq=state.seq, ms=round(state.sent_ms, 3), data=data)
             if not self.outbox.try_put_audio(msg):
-                try:
-                    await asyncio.wait_for(self.outbox.put_audio(msg), self.limits.send_timeout_s)
-                except TimeoutError:
-                    self._fatal("limit", "the client reads audio slower than real time; dropping the connection", CLOSE_POLICY)
-                    raise asyncio.CancelledError from None
-            state.seq += 1
-            state.sent_ms += frame_ms
+                await self.outbox.put_audio(msg)
             self.clock.sent_ms += frame_ms
 
-    async def _drain_encoder(self, state: _Turn) -> None:
-        if state.encoder is not None and not state.cancelled:
-            encoder, state.encoder = state.encoder, None
-            await self._emit(state, await self._encode(lambda _: encoder.flush(), np.zeros(0, np.float32)))
+    # ------------------------------------------------------------------ the store
 
-    def _finalize(self, state: _Turn) -> None:
-        """Send turn.done once, hand the turn to the store writer."""
-        if state.done:
-            return
-        state.done = True
-        reason = "cancelled" if state.cancelled else "error" if state.failed else "length" if state.length else "complete"
-        # in the stream lane, so turn.done follows the turn's last audio packet
-        self.outbox.put_stream(
-            TurnDone(turn=state.turn, reason=reason, audio_ms=round(state.sent_ms, 3), frames=state.seq, ttfa_ms=None)
-        )
-        self.gw.metrics.turns.labels(reason).inc()
-        if self.conversation is not None:
-            self.conversation.finished(state.turn)
-        self.history.append(self._stored_turn(state, reason))
-        if self.session is not None:
-            self.session.turns = len(self.history)
-        self.writes.put_nowait(state)
-        for old in [t for t, st in self.turns.items() if st.done and t < state.turn - 8]:
-            del self.turns[old]  # long finished: keep the per-connection state bounded
-
-    def _stored_turn(self, state: _Turn, reason: str) -> Turn:
-        """The turn as the conversation will remember it: a cancelled one cut at what the listener heard."""
-        keep_ms = state.sent_ms
-        segments = state.segments
-        chunks = [c for s in segments for c in s.codes]
-        codes = np.concatenate(chunks, axis=1) if chunks else None
-        if reason == "cancelled":
-            keep_ms = state.delivered * self.output.frame_ms  # queued audio was dropped at the barge-in
-            if state.played_ms is not None:
-                keep_ms = min(keep_ms, state.played_ms)
-            segments = [s for s in segments if s.start_ms < keep_ms]
-            if codes is not None:
-                codes = codes[:, : int(round(keep_ms / CODEC_FRAME_MS))]
-        return Turn(
-            index=state.turn,
-            speaker=state.speaker,
-            text=" ".join(s.text for s in segments),
-            state=reason,
-            audio_ms=int(round(keep_ms)),
-            codes=codes,
-        )
-
-    async def _write_turns(self) -> None:
-        """Store finished turns in order; wait briefly for playback reports on cancelled ones; retry on outage."""
-        assert self.writes is not None
+    async def _write_loop(self) -> None:
+        """Store what the machine remembers, in order. A failed write is retried as it was (the store
+        recognises a retry of a write that did happen); the client is told once per outage. On close, writes
+        go on until ``store_drain_s`` has passed; what is still unstored then is logged as lost."""
+        pending: Write | None = None
+        delay = 0.1
+        failing = False
         while True:
-            state = await self.writes.get()
+            if pending is None and self.machine is not None:
+                pending = self.machine.next_write()
+            if pending is None:
+                if self._closing:
+                    return
+                self._writes.clear()
+                await self._writes.wait()
+                continue
+            assert self.session is not None and self.machine is not None
             try:
-                if state.cancelled and not state.played.is_set():
-                    try:
-                        await asyncio.wait_for(state.played.wait(), self.limits.playback_grace_ms / 1000.0)
-                    except TimeoutError:
-                        pass  # no report: the turn stays cut at what was sent
-                turn = self._amend(state)
-                delay = 0.25
-                while self.session is not None:
-                    try:
-                        await self.gw.store.append_turn(self.session.id, turn)
-                        break
-                    except StoreError as exc:
-                        if self._closing and delay > 2:
-                            log.error("session %s: turn %d not stored: %s", self.session.id, turn.index, exc)
-                            break
-                        self._send(Error("internal", f"session store unavailable; turn {turn.index} will be retried: {exc}"))
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 5.0)
-            finally:
-                self.writes.task_done()
-
-    def _amend(self, state: _Turn) -> Turn:
-        """Re-cut the remembered turn if a playback report arrived after turn.done."""
-        for i, turn in enumerate(self.history):
-            if turn.index == state.turn:
-                if state.cancelled:
-                    self.history[i] = self._stored_turn(state, turn.state)
-                return self.history[i]
-        raise AssertionError(f"turn {state.turn} missing from history")
+                if pending.op == "append":
+                    await self.gw.store.append_turn(self.session.id, pending.turn)
+                else:
+                    await self.gw.store.amend_turn(self.session.id, pending.turn)
+            except StoreError as exc:
+                self.gw.metrics.store_writes_retried.inc()
+                if not failing:
+                    failing = True
+                    log.warning("session %s: turn %d not stored yet, retrying: %s", self.sid, pending.turn.index, exc)
+                self._apply(self.machine.write_failed(pending, str(exc)))
+                if self._closing and time.monotonic() > self._drain_until:
+                    lost = self.machine.unstored
+                    self.gw.metrics.store_turns_lost.inc(lost)
+                    log.error("session %s: %d finished turns (from turn %d on) could not be stored before the "
+                              "connection closed: %s", self.sid, lost, pending.turn.index, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if failing:
+                log.info("session %s: the store is back; turn %d stored", self.sid, pending.turn.index)
+            failing, delay = False, 0.1
+            self.machine.write_ok(pending)
+            pending = None
 
     def _voice_refs(self) -> dict[int, VoiceRef]:
         assert self.session is not None
@@ -826,18 +793,6 @@ class Connection:
                 refs[s.speaker] = VoiceRef(voice=voice.voice, text=voice.text, codes=voice.codes)
         return refs
 
-    def _past(self, state: _Turn) -> list[PastTurn]:
-        past = [PastTurn(t.speaker, t.text, t.codes) for t in self.history if t.text]
-        for s in state.segments:  # earlier segments of this turn, with their audio, so prosody runs on
-            past.append(PastTurn(s.speaker, s.text, np.concatenate(s.codes, axis=1) if s.codes else None))
-        return past
-
 
 def _sampling_to_wire(s: Sampling) -> dict[str, Any]:
     return {name: getattr(s, name) for name in Sampling.__dataclass_fields__}
-
-
-async def _wait_drained(queue: asyncio.Queue[Any], writer: asyncio.Task[Any], timeout_s: float) -> None:
-    join = asyncio.create_task(queue.join())
-    await asyncio.wait([join, writer], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    join.cancel()

@@ -27,6 +27,17 @@ class Metrics:
         )
         self.errors = Counter("shoal_errors", "Error messages sent, by code", ["code"], registry=r)
         self.voices = Counter("shoal_voices_created", "Reference voices registered", registry=r)
+        self.store_writes_retried = Counter(
+            "shoal_store_writes_retried", "Turn writes that failed and were tried again", registry=r
+        )
+        self.store_turns_lost = Counter(
+            "shoal_store_turns_lost", "Finished turns a closing connection could not store in time", registry=r
+        )
+        self.store_restarts = Counter("shoal_store_restarts", "Restarts of the embedded Redis", registry=r)
+        self.slow_readers = Counter("shoal_slow_readers", "Connections dropped for not reading", registry=r)
+        self.connection_failures = Counter(
+            "shoal_connection_failures", "Connections ended by an internal failure (logged)", registry=r
+        )
 
     def add_engine(self, stats: Callable[[], Mapping[str, float]]) -> None:
         """Export an engine's own counters (prefix cache, scheduler) as ``shoal_engine_*`` at scrape time."""

@@ -2,8 +2,12 @@
 
 The stream lane keeps a turn's ``audio``, ``segment`` and ``turn.done`` in order and is bounded (producers
 wait: that is the backpressure that throttles the engine). The control lane (``pong``, ``error``, ...) is bounded
-too: a client that floods pings faster than it reads is dropped. ``drop_audio`` removes a cancelled turn's
-queued audio in one step, so a barge-in silences the stream within the packet being written.
+too, but a client is never dropped for filling it: the receive loop waits for ``control_room`` before it reads the
+next message, so a burst of pings (or of refused input) is answered at the pace the client reads its answers, and
+a client that does not read at all stops being read (the slow-reader watchdog ends it). ``put`` takes messages
+past the bound up to a hard cap, for the few the server sends on its own (store and engine errors).
+``drop_audio`` removes a cancelled turn's queued audio in one step, so a barge-in silences the stream within the
+packet being written.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from realtime.protocol import Audio, Segment, ServerMessage
 
 
 class OutboxFull(Exception):
-    """The control queue overflowed: the client does not read."""
+    """The control queue passed its hard cap: the client does not read."""
 
 
 @dataclass(frozen=True)
@@ -39,15 +43,23 @@ class Outbox:
         self._readable = asyncio.Event()
         self._audio_space = asyncio.Event()
         self._audio_space.set()
+        self._control_space = asyncio.Event()
+        self._control_space.set()
         self.closed = False
 
     def put(self, item: Item) -> None:
         if self.closed:
             return
-        if len(self._control) >= self._control_limit:
+        if len(self._control) >= 2 * self._control_limit:
             raise OutboxFull("too many messages waiting for a client that does not read")
         self._control.append(item)
         self._readable.set()
+
+    async def control_room(self) -> None:
+        """Wait until the control lane is below its bound (the receive loop's backpressure)."""
+        while len(self._control) >= self._control_limit and not self.closed:
+            self._control_space.clear()
+            await self._control_space.wait()
 
     def put_stream(self, msg: ServerMessage) -> None:
         """Append to the stream lane past its bound (for the rare small message that ends a turn)."""
@@ -87,6 +99,7 @@ class Outbox:
         self._audio.clear()
         self._control.clear()
         self._audio_space.set()
+        self._control_space.set()
         self._readable.set()
 
     async def get(self) -> Item | None:
@@ -95,7 +108,10 @@ class Outbox:
             if self.closed:
                 return None
             if self._control:
-                return self._control.popleft()
+                item = self._control.popleft()
+                if len(self._control) < self._control_limit:
+                    self._control_space.set()
+                return item
             if self._audio:
                 msg = self._audio.popleft()
                 self._audio_space.set()

@@ -252,12 +252,33 @@ def parse_frame(frame: bytes | str) -> tuple[dict[str, Any], Encoding]:
             obj = json.loads(frame)
         except (ValueError, RecursionError) as exc:
             raise ProtocolError("bad_message", f"text frame is not a JSON object: {exc}") from None
+        if "\\u" in frame and _has_lone_surrogate(obj):
+            # JSON may escape half of a UTF-16 pair ("\ud800"); such a string cannot be sent, stored or spoken
+            raise ProtocolError("bad_message", "a string holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text")
         encoding = Encoding.JSON
     else:  # pragma: no cover - the shell only passes bytes or str
         raise ProtocolError("bad_message", "frame must be binary or text")
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", f"a message must be a map, got {type(obj).__name__}")
     return obj, encoding
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """Does any string (key or value) in a decoded JSON value hold a lone surrogate?"""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def decode_client(frame: bytes | str) -> tuple[ClientMessage, Encoding]:

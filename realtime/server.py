@@ -92,7 +92,7 @@ def serve(
     if redis_url is None:
         data_dir = config.data_dir or default_data_dir()
         binary = find_redis_server()
-        embedded = EmbeddedRedis(data_dir, executable=binary)
+        embedded = EmbeddedRedis(data_dir, executable=binary)  # supervised: restarted within a second if it dies
         embedded.start()
         redis_url = embedded.url
         how = "adopted a running" if embedded.adopted else "started"
@@ -112,7 +112,10 @@ def serve(
             pool_desc = pool_desc or f"engine workers of pool {worker_pool}"
         assert engine is not None
         store = SessionStore(redis_url, session_ttl_s=config.session_ttl_s)
-        app = create_app(config, engine, store)
+        app = create_app(config, engine, store, None if embedded is None else lambda: embedded.status()._asdict())
+        if embedded is not None:
+            restarts = app.state.metrics.store_restarts
+            embedded.on_restart = lambda status: restarts.inc()
         uv_config = uvicorn.Config(
             app,
             host=config.host,
@@ -120,8 +123,10 @@ def serve(
             log_level="warning",
             ws_max_size=config.limits.voice_message_bytes + (1 << 20),
             ws_per_message_deflate=False,  # Opus does not compress; deflate cost 16 % more CPU under load
-            ws_ping_interval=20.0,
-            ws_ping_timeout=20.0,
+            # a ping a second: its pong tells the gateway the client has read everything sent before it (see
+            # realtime/liveness.py); the timeout is a backstop behind the gateway's own slow-reader rule
+            ws_ping_interval=config.limits.liveness_ping_s,
+            ws_ping_timeout=config.limits.send_timeout_s + 3.0,
             timeout_graceful_shutdown=2,
             lifespan="on",
         )

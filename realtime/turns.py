@@ -1,0 +1,659 @@
+"""The turn lifecycle of one session, sans I/O: the one place that knows what every turn is, has sent, was heard
+and has stored.
+
+Feed it inputs, act on what it returns; it never awaits and never touches a socket, an engine or Redis, so a test
+drives it with plain calls (the way the websockets library's protocol core is driven)::
+
+    client messages   receive(Text | Flush | TurnEnd | Cancel | Playback)  -> [Send | Stream | Stop]
+    synthesis         next_job() -> Synthesize | Finish | None;  segment_audio() / packet() / segment_finished()
+                      / audio_finished()
+    the socket        packet_sent(turn, now), done_sent(turn, now) -> the final ``turn.done``
+    the store         next_write() -> Write | None;  write_ok(write);  write_failed(write, error) -> [Send]
+    the clock         tick(now) -> []  (settles turns nobody can hear any more)
+    the end           close(now)  (finishes every live turn as cut where the socket stopped)
+
+A turn is identified by its index in the session (``Turn.index`` in the store): unique for the life of the
+session, whatever context it belongs to. ``context`` names the stream of turns it belongs to (one open turn per
+context; the default context is ``""``), so several contexts in flight at once need no new identity.
+
+States (``TurnState``)::
+
+    OPEN ──turn.end──► ENDING ──last audio made──► FINISHING ──turn.done sent──► DONE ──30 s / later turn heard──► SETTLED
+      └──────────── cancel / close ─────────────────┘  (turn.done "cancelled" at once)
+
+While a turn is DONE its listener may still be hearing it (audio goes out up to ``lead_ms`` ahead of the ear), so a
+``playback`` report still cuts it. What is stored for a turn (``Turn``): the words whose audio started before the
+cut, the codes of the frames that started before it, ``audio_ms`` = the cut. The cut is where the listener stopped
+(``playback.played_ms``), else what the socket sent; it only ever shrinks. Word positions come from the character
+position within the segment (no engine reports word timing yet): a word is kept when its first character lies
+before the cut's share of the segment's text.
+
+Stored turns are contiguous: turn i is appended only after turn i-1; an amendment (a later, shorter cut) replaces
+a stored record. Turns not yet stored are bounded (``max_unstored``): past that, a new turn is refused with
+``limit`` until the store takes them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+
+from engine.base import PastTurn
+from realtime.protocol import (
+    Audio,
+    Cancel,
+    Error,
+    Flush,
+    Playback,
+    ProtocolError,
+    Segment,
+    ServerMessage,
+    Text,
+    TurnDone,
+    TurnEnd,
+    TurnStarted,
+)
+from realtime.segmenter import DEFAULT_MAX_CHARS, Segmenter, last_speaker
+from sessions.model import Turn
+
+__all__ = [
+    "Finish",
+    "Limits",
+    "Send",
+    "Stop",
+    "Stream",
+    "Synthesize",
+    "TurnMachine",
+    "TurnState",
+    "Write",
+    "cut_text",
+]
+
+
+@dataclass(frozen=True)
+class Limits:
+    turn_chars: int = 20_000  # text per turn
+    buffered_chars: int = 64 * 1024  # text waiting to be segmented
+    segment_chars: int = DEFAULT_MAX_CHARS  # length bound that forces a segment cut
+    audible_s: float = 30.0  # a playback report is honoured this long after turn.done went out
+    audible_turns: int = 8  # ... and for at most this many finished turns
+    max_unstored: int = 64  # finished turns waiting for the store before new turns are refused
+
+    def __post_init__(self) -> None:
+        if self.turn_chars < 1 or self.buffered_chars < 1 or self.max_unstored < 1 or self.audible_turns < 1:
+            raise ValueError("limits must be positive")
+        if self.audible_s <= 0:
+            raise ValueError("audible_s must be positive")
+
+
+class TurnState(Enum):
+    OPEN = "open"  # accepts text; its segments are synthesized as they are cut
+    ENDING = "ending"  # turn.end received: no more text, the rest of its audio is being made
+    FINISHING = "finishing"  # all audio made; turn.done is queued behind it
+    DONE = "done"  # turn.done sent; the listener may still be hearing it
+    SETTLED = "settled"  # nothing can change it any more
+
+
+LIVE = (TurnState.OPEN, TurnState.ENDING)
+
+# ---- outputs
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send now (the control lane: jumps ahead of audio)."""
+
+    message: ServerMessage
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Send in order behind the turn's audio (``turn.done``: its numbers are final only when it is sent)."""
+
+    message: ServerMessage
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Barge-in: stop making and sending audio of these turns now (engine step, queued packets, encoder)."""
+
+    turns: tuple[int, ...]
+
+
+Output = Send | Stream | Stop
+
+
+@dataclass(frozen=True)
+class Synthesize:
+    turn: int
+    segment: int  # index within the turn
+    text: str
+    speaker: int  # speaker in effect at the start of the segment
+    ready_at: float  # when the segment was cut (TTFA starts here)
+    max_samples: int | None  # engine samples the turn may still produce (max_frames), None: no bound
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Every segment of ``turn`` is made: flush the encoder, then call ``audio_finished``."""
+
+    turn: int
+
+
+Job = Synthesize | Finish
+
+
+@dataclass(frozen=True)
+class Write:
+    op: str  # "append" | "amend"
+    turn: Turn
+
+
+# ---- state
+
+
+@dataclass
+class _Segment:
+    index: int
+    text: str
+    speaker: int
+    ready_at: float
+    start_ms: float | None = None  # position of its first audio within the turn (output timeline)
+    samples: int = 0  # engine samples kept
+    codes: list[np.ndarray] = field(default_factory=list)  # (10, k) int16 chunks
+    finished: bool = False
+
+
+@dataclass
+class _Turn:
+    index: int
+    speaker: int  # the turn's speaker (turn.started)
+    context: str
+    frame_ms: float  # output packet duration, fixed for the turn
+    segmenter: Segmenter
+    current_speaker: int  # speaker at the end of the text received so far
+    segment_speaker: int  # speaker at the start of the next segment
+    state: TurnState = TurnState.OPEN
+    reason: str | None = None  # complete | cancelled | length | error, once known
+    chars: int = 0
+    segments: list[_Segment] = field(default_factory=list)
+    next_segment: int = 0  # first segment not yet handed to synthesis
+    samples: int = 0  # engine samples kept, all segments
+    made: int = 0  # packets made (enqueued)
+    delivered: int = 0  # packets handed to the socket
+    ready_at: float | None = None
+    first_sent_at: float | None = None
+    heard_ms: float | None = None  # the listener's last reported position
+    done_queued: bool = False  # turn.done is in the stream lane
+    done_at: float | None = None
+    record: Turn | None = None  # what the conversation remembers (set when turn.done goes out, or at close)
+
+    @property
+    def ttfa_ms(self) -> float | None:
+        if self.ready_at is None or self.first_sent_at is None:
+            return None
+        return round((self.first_sent_at - self.ready_at) * 1000.0, 3)
+
+
+class TurnMachine:
+    """All turns of one connection's session. See the module docstring for the inputs and outputs."""
+
+    def __init__(
+        self,
+        history: list[Turn],
+        *,
+        sample_rate: int,
+        frame_ms: float | None,
+        output_frame_ms: float,
+        max_frames: int,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.history = history  # the conversation as remembered: stored turns, then those waiting for the store
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.sample_rate = sample_rate
+        self.frame_ms = frame_ms  # engine frame (codes), None for engines without frames
+        self.output_frame_ms = output_frame_ms
+        self.max_frames = max_frames
+        self.stored = len(history)  # turns the store holds (history[:stored])
+        self._amends: dict[int, Turn] = {}  # stored turns to replace, by index
+        self._turns: dict[int, _Turn] = {}  # live and still audible turns, by index
+        self._open: dict[str, int] = {}  # context -> its open turn
+        self._store_down = False
+        self.default_speaker = 0
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def next_turn(self) -> int:
+        return len(self.history) + sum(1 for t in self._turns.values() if t.record is None)
+
+    @property
+    def active_turns(self) -> tuple[int, ...]:
+        """Turns whose audio is still being made or sent (not yet turn.done)."""
+        return tuple(i for i, t in self._turns.items() if t.state in LIVE or t.state is TurnState.FINISHING)
+
+    @property
+    def unstored(self) -> int:
+        return len(self.history) - self.stored + len(self._amends)
+
+    def state(self, turn: int) -> TurnState | None:
+        t = self._turns.get(turn)
+        if t is not None:
+            return t.state
+        return TurnState.SETTLED if turn < len(self.history) else None
+
+    def live(self, turn: int) -> bool:
+        """May audio of ``turn`` still go out? (False once cancelled.)"""
+        t = self._turns.get(turn)
+        return t is not None and t.reason != "cancelled" and t.state in (*LIVE, TurnState.FINISHING)
+
+    def wants_audio(self, turn: int) -> bool:
+        """Should synthesis of ``turn`` go on? (False once it was stopped, failed or reached max_frames.)"""
+        t = self._turns.get(turn)
+        return t is not None and t.reason is None and t.state in (*LIVE, TurnState.FINISHING)
+
+    def configure(self, *, output_frame_ms: float, max_frames: int) -> None:
+        """New output / sampling settings (between turns: the gateway refuses session.update during one)."""
+        self.output_frame_ms, self.max_frames = output_frame_ms, max_frames
+
+    # ------------------------------------------------------------------ client messages
+
+    def receive(self, msg: Text | Flush | TurnEnd | Cancel | Playback, context: str = "") -> list[Output]:
+        """Apply one turn message. Raises ProtocolError for input it refuses (the session stays usable)."""
+        if isinstance(msg, Text):
+            return self._text(msg, context)
+        if isinstance(msg, Flush):
+            turn = self._open_turn(context)
+            if turn is not None:
+                self._cut(turn, turn.segmenter.flush())
+            return []
+        if isinstance(msg, TurnEnd):
+            turn = self._open_turn(context)
+            if turn is None:
+                raise ProtocolError("bad_message", "turn.end without an open turn (send text first)")
+            self._cut(turn, turn.segmenter.flush())
+            turn.state = TurnState.ENDING
+            del self._open[context]
+            return []
+        if isinstance(msg, Cancel):
+            return self.cancel(context)
+        if isinstance(msg, Playback):
+            return self._playback(msg)
+        raise TypeError(f"not a turn message: {msg!r}")  # pragma: no cover - the gateway routes by type
+
+    def cancel(self, context: str | None = "") -> list[Output]:
+        """Barge-in on ``context`` (None: every context): its live turns end now as ``cancelled``."""
+        turns = [t for t in self._turns.values() if t.state in (*LIVE, TurnState.FINISHING) and not t.done_queued]
+        turns = [t for t in turns if context is None or t.context == context]
+        if not turns:
+            return []
+        out: list[Output] = [Stop(tuple(t.index for t in turns))]
+        for t in turns:
+            self._open.pop(t.context, None)
+            t.reason = "cancelled"
+            t.state = TurnState.FINISHING  # a report that came before the cancel applies now
+            t.done_queued = True
+            out.append(Stream(self._turn_done(t)))
+        return out
+
+    def _text(self, msg: Text, context: str) -> list[Output]:
+        out: list[Output] = []
+        turn = self._open_turn(context)
+        if turn is None:
+            if self.unstored >= self.limits.max_unstored:
+                raise ProtocolError(
+                    "limit",
+                    f"the session store is unavailable and {self.unstored} turns wait to be stored; "
+                    "new turns are refused until it takes them",
+                )
+            speaker = msg.speaker if msg.speaker is not None else self.default_speaker
+            index = self.next_turn
+            turn = _Turn(
+                index=index,
+                speaker=speaker,
+                context=context,
+                frame_ms=self.output_frame_ms,
+                segmenter=Segmenter(self.limits.segment_chars),
+                current_speaker=speaker,
+                segment_speaker=speaker,
+            )
+            self._turns[index] = turn
+            self._open[context] = index
+            out.append(Send(TurnStarted(turn=index, speaker=speaker)))
+        text = msg.text
+        if msg.speaker is not None and msg.speaker != turn.current_speaker:
+            # a speaker change inside a turn becomes an inline tag, as the model's prompt format has it
+            text = f"<|speaker:{msg.speaker}|>{text}"
+        if turn.chars + len(text) > self.limits.turn_chars:
+            raise ProtocolError("limit", f"a turn holds at most {self.limits.turn_chars} characters of text")
+        if turn.segmenter.buffered + len(text) > self.limits.buffered_chars:
+            raise ProtocolError("limit", f"at most {self.limits.buffered_chars} characters may wait unsegmented")
+        if msg.speaker is not None:
+            self.default_speaker = msg.speaker
+        turn.chars += len(text)
+        turn.current_speaker = last_speaker(text, turn.current_speaker)
+        for segment in turn.segmenter.feed(text):
+            self._cut(turn, segment)
+        return out
+
+    def _open_turn(self, context: str) -> _Turn | None:
+        index = self._open.get(context)
+        return None if index is None else self._turns[index]
+
+    def _cut(self, turn: _Turn, text: str | None) -> None:
+        if not text:
+            return
+        turn.segments.append(_Segment(len(turn.segments), text, turn.segment_speaker, self.clock()))
+        turn.segment_speaker = last_speaker(text, turn.segment_speaker)
+
+    def _playback(self, msg: Playback) -> list[Output]:
+        if msg.turn >= self.next_turn:
+            raise ProtocolError("bad_message", f"playback for turn {msg.turn}, which has not started")
+        turn = self._turns.get(msg.turn)
+        if turn is None or turn.state is TurnState.SETTLED:
+            raise ProtocolError(
+                "limit",
+                f"playback for turn {msg.turn} came too late: a turn can be cut for {self.limits.audible_s:g} s "
+                f"after its turn.done (and for the last {self.limits.audible_turns} turns); the report was ignored",
+            )
+        turn.heard_ms = msg.played_ms  # the latest report is where the listener is (a stored cut never grows)
+        for earlier in self._turns.values():  # the listener is past every earlier turn
+            if earlier.index < turn.index and earlier.state is TurnState.DONE:
+                self._settle(earlier)
+        if turn.state is TurnState.DONE:
+            self._recut(turn)
+        return []
+
+    # ------------------------------------------------------------------ synthesis
+
+    def next_job(self) -> Job | None:
+        """The next piece of work for the synthesis task, earliest turn first."""
+        for turn in self._turns.values():
+            if turn.state not in LIVE:
+                continue
+            if turn.reason is None and turn.next_segment < len(turn.segments):
+                seg = turn.segments[turn.next_segment]
+                turn.next_segment += 1
+                if turn.ready_at is None:
+                    turn.ready_at = seg.ready_at
+                return Synthesize(turn.index, seg.index, seg.text, seg.speaker, seg.ready_at, self._samples_left(turn))
+            if turn.state is TurnState.ENDING and all(s.finished for s in turn.segments[: turn.next_segment]):
+                if turn.reason is not None or turn.next_segment == len(turn.segments):
+                    turn.state = TurnState.FINISHING
+                    return Finish(turn.index)
+            return None  # one turn at a time, in order
+        return None
+
+    def has_job(self) -> bool:
+        for turn in self._turns.values():
+            if turn.state not in LIVE:
+                continue
+            if turn.reason is None and turn.next_segment < len(turn.segments):
+                return True
+            return turn.state is TurnState.ENDING and all(s.finished for s in turn.segments[: turn.next_segment])
+        return False
+
+    def _samples_left(self, turn: _Turn) -> int | None:
+        if self.frame_ms is None:
+            return None  # max_frames bounds frame-based engines only
+        per_frame = round(self.frame_ms * self.sample_rate / 1000.0)
+        return max(0, self.max_frames * per_frame - turn.samples)
+
+    def segment_audio(self, turn: int, segment: int, samples: int, codes: np.ndarray | None) -> tuple[int, Segment | None]:
+        """Engine audio of a segment arrived: how many of its samples to keep (fewer at ``max_frames``), and the
+        ``segment`` message to send before its first packet (None after the first chunk)."""
+        t = self._turns[turn]
+        seg = t.segments[segment]
+        announce = None
+        if seg.start_ms is None:
+            seg.start_ms = t.made * t.frame_ms
+            announce = Segment(turn=turn, text=seg.text, ms=round(seg.start_ms, 3))
+        left = self._samples_left(t)
+        keep = samples if left is None else min(samples, left)
+        if codes is not None and self.frame_ms is not None:
+            per_frame = round(self.frame_ms * self.sample_rate / 1000.0)
+            frames = min(codes.shape[1], math.ceil(keep / per_frame)) if keep < samples else codes.shape[1]
+            if frames:
+                seg.codes.append(np.asarray(codes[:, :frames], dtype=np.int16))
+        elif codes is not None:
+            seg.codes.append(np.asarray(codes, dtype=np.int16))
+        seg.samples += keep
+        t.samples += keep
+        if left is not None and keep >= left and t.reason is None:
+            t.reason = "length"  # the turn's frame budget is spent: no more segments
+        return keep, announce
+
+    def packet(self, turn: int, data: bytes) -> Audio | None:
+        """An encoded packet of ``turn`` is ready to queue: its ``audio`` message, or None if the turn was stopped."""
+        t = self._turns.get(turn)
+        if t is None or t.reason == "cancelled" or t.state not in (*LIVE, TurnState.FINISHING):
+            return None
+        msg = Audio(turn=turn, seq=t.made, ms=round(t.made * t.frame_ms, 3), data=data)
+        t.made += 1
+        return msg
+
+    def segment_finished(self, turn: int, segment: int, error: str | None = None) -> list[Output]:
+        """The engine is done with a segment (``error``: it failed; the turn ends as ``error``)."""
+        t = self._turns.get(turn)
+        if t is None:
+            return []
+        t.segments[segment].finished = True
+        if error is None or t.reason is not None:
+            return []
+        t.reason = "error"
+        return [Send(Error("engine_unavailable", f"turn {turn}: {error}"))]
+
+    def audio_finished(self, turn: int) -> list[Output]:
+        """The ``Finish`` job is done (the encoder flushed): ``turn.done`` goes out behind the last packet."""
+        t = self._turns.get(turn)
+        if t is None or t.state is not TurnState.FINISHING or t.reason == "cancelled":
+            return []
+        t.reason = t.reason or "complete"
+        t.done_queued = True
+        return [Stream(self._turn_done(t))]
+
+    def _turn_done(self, t: _Turn) -> TurnDone:
+        return TurnDone(turn=t.index, reason=t.reason or "complete", audio_ms=0.0, frames=0, ttfa_ms=None)
+
+    # ------------------------------------------------------------------ the socket
+
+    def packet_sent(self, turn: int, now: float) -> float | None:
+        """A packet of ``turn`` was handed to the socket. Returns the turn's TTFA (ms) at its first packet."""
+        t = self._turns.get(turn)
+        if t is None:
+            return None
+        t.delivered += 1
+        if t.first_sent_at is None:
+            t.first_sent_at = now
+            return t.ttfa_ms
+        return None
+
+    def done_sent(self, turn: int, now: float) -> TurnDone | None:
+        """``turn.done`` is being sent: its final numbers (what was really sent). The turn is now remembered."""
+        t = self._turns.get(turn)
+        if t is None or t.state is not TurnState.FINISHING:
+            return None
+        self._remember(t, now)
+        return TurnDone(
+            turn=turn,
+            reason=t.reason or "complete",
+            audio_ms=round(t.delivered * t.frame_ms, 3),
+            frames=t.delivered,
+            ttfa_ms=t.ttfa_ms,
+        )
+
+    def _remember(self, t: _Turn, now: float) -> None:
+        if t.reason != "cancelled":
+            t.heard_ms = None  # reports while it played were progress; only a cancel or a later report cuts it
+        t.state = TurnState.DONE
+        t.done_at = now
+        t.record = self._record(t)
+        assert t.index == len(self.history), f"turn {t.index} remembered out of order"
+        self.history.append(t.record)
+        self._prune()
+
+    # ------------------------------------------------------------------ truncation
+
+    def _kept_ms(self, t: _Turn) -> float:
+        sent = t.delivered * t.frame_ms
+        return sent if t.heard_ms is None else min(sent, t.heard_ms)
+
+    def _record(self, t: _Turn) -> Turn:
+        """The turn as the conversation remembers it: cut where the listener stopped, else where sending stopped."""
+        kept = self._kept_ms(t)
+        total = t.made * t.frame_ms
+        parts: list[str] = []
+        started = [s for s in t.segments if s.start_ms is not None]
+        for i, seg in enumerate(started):
+            assert seg.start_ms is not None
+            if seg.start_ms >= kept:
+                break
+            end = started[i + 1].start_ms if i + 1 < len(started) else total
+            assert end is not None
+            share = 1.0 if end <= seg.start_ms or kept >= end else (kept - seg.start_ms) / (end - seg.start_ms)
+            text = cut_text(seg.text, share)
+            if text:
+                parts.append(text)
+        chunks = [c for s in started for c in s.codes]
+        codes = np.concatenate(chunks, axis=1) if chunks else None
+        if codes is not None and self.frame_ms is not None and kept < total:
+            codes = codes[:, : math.ceil(kept / self.frame_ms - 1e-9)]  # the frames that started before the cut
+        return Turn(
+            index=t.index,
+            speaker=t.speaker,
+            text=" ".join(parts),
+            state=t.reason or "complete",
+            audio_ms=int(round(kept)),
+            codes=codes,
+        )
+
+    def _recut(self, t: _Turn) -> None:
+        """A report after turn.done: cut the remembered turn shorter (never longer) and store the amendment."""
+        assert t.record is not None
+        new = self._record(t)
+        if new.audio_ms >= t.record.audio_ms:
+            return
+        new = replace(new, created_at=t.record.created_at)
+        t.record = new
+        self.history[t.index] = new
+        if t.index < self.stored:
+            self._amends[t.index] = new
+
+    def _settle(self, t: _Turn) -> None:
+        t.state = TurnState.SETTLED
+
+    def _prune(self) -> None:
+        """Keep the per-connection state bounded: settle old audible turns, forget settled ones."""
+        done = [t for t in self._turns.values() if t.state is TurnState.DONE]
+        for t in done[: max(0, len(done) - self.limits.audible_turns)]:
+            self._settle(t)
+        for index in [i for i, t in self._turns.items() if t.state is TurnState.SETTLED]:
+            del self._turns[index]
+
+    def tick(self, now: float) -> list[Output]:
+        """Time passes: turns done more than ``audible_s`` ago can no longer be heard."""
+        for t in self._turns.values():
+            if t.state is TurnState.DONE and t.done_at is not None and now - t.done_at > self.limits.audible_s:
+                self._settle(t)
+        self._prune()
+        return []
+
+    # ------------------------------------------------------------------ the store
+
+    def next_write(self) -> Write | None:
+        """The next record to store: appends in index order first, then amendments."""
+        if self.stored < len(self.history):
+            return Write("append", self.history[self.stored])
+        if self._amends:
+            index = min(self._amends)
+            return Write("amend", self._amends[index])
+        return None
+
+    def write_ok(self, write: Write) -> None:
+        """The store took ``write``. (Retry a failed write as it was: the store recognises one that did happen.)"""
+        i = write.turn.index
+        if write.op == "append" and i == self.stored:
+            self.stored += 1
+            if self.history[i] is not write.turn:  # cut again while it was being appended
+                self._amends[i] = self.history[i]
+        elif write.op == "amend" and self._amends.get(i) is write.turn:
+            del self._amends[i]
+        self._store_down = False
+
+    def write_failed(self, write: Write, error: str) -> list[Output]:
+        """A write failed (the store is down or timed out); it will be retried. The client is told once per outage."""
+        if self._store_down:
+            return []
+        self._store_down = True
+        return [
+            Send(
+                Error(
+                    "internal",
+                    f"session store unavailable ({error}); turn {write.turn.index} and later ones are kept and "
+                    "will be stored when it returns",
+                )
+            )
+        ]
+
+    def has_write(self) -> bool:
+        return self.stored < len(self.history) or bool(self._amends)
+
+    # ------------------------------------------------------------------ the end
+
+    def close(self, now: float) -> list[tuple[int, str]]:
+        """The connection is ending: every turn not yet remembered is finished as sent (cancelled if it was still
+        being made, or not all of it went out). Returns those turns, with their reason."""
+        ended: list[tuple[int, str]] = []
+        for t in sorted(self._turns.values(), key=lambda t: t.index):
+            if t.record is not None:
+                continue
+            if t.state in LIVE or t.reason is None or t.delivered < t.made:
+                t.reason = "cancelled"  # the listener did not get all of it
+            t.state = TurnState.FINISHING
+            self._remember(t, now)
+            ended.append((t.index, t.reason or "complete"))
+        self._open.clear()
+        for t in self._turns.values():
+            self._settle(t)
+        self._prune()
+        return ended
+
+    # ------------------------------------------------------------------ engine context
+
+    def past(self, turn: int) -> list[PastTurn]:
+        """What the engine hears before ``turn``'s next segment: the remembered turns (cut where they were
+        heard), then the earlier segments of this turn with their audio, so prosody runs on."""
+        past = [PastTurn(t.speaker, t.text, t.codes) for t in self.history if t.text]
+        t = self._turns.get(turn)
+        if t is not None:
+            for seg in t.segments:
+                if seg.finished and seg.start_ms is not None:
+                    codes = np.concatenate(seg.codes, axis=1) if seg.codes else None
+                    past.append(PastTurn(seg.speaker, seg.text, codes))
+        return past
+
+
+_WORD = re.compile(r"\S+")
+
+
+def cut_text(text: str, share: float) -> str:
+    """The words of ``text`` whose first character lies before ``share`` (0..1) of it: the words that had started
+    when the listener stopped, by character position (tags and instructions count as characters too)."""
+    if share >= 1.0:
+        return text
+    limit = share * len(text)
+    end = 0
+    for m in _WORD.finditer(text):
+        if m.start() >= limit:
+            break
+        end = m.end()
+    return text[:end].rstrip()
+
