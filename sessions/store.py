@@ -9,7 +9,21 @@ Layout (every key of a session shares a Redis Cluster hash tag, so multi-key scr
 
 Every write of a session refreshes the TTL of its meta and turns keys (the owner key has its own lease instead).
 Multi-key writes are Lua scripts, so they are atomic. Every Redis failure is raised as `StoreError`; socket timeouts
-are short so an outage surfaces quickly, and the pool reconnects on its own once Redis is back.
+are short so an outage surfaces quickly, and the pool reconnects on its own once Redis is back (also after a restart
+of Redis: a dropped pooled connection is replaced by the one retry on a connection error, and scripts are reloaded).
+
+Every write is safe to retry. A call that failed with a plain `StoreError` (a timeout, a dropped connection) may or
+may not have been executed; calling it again with the same arguments gives the answer the first call would have
+given had it succeeded, and never writes twice:
+
+- `append_turn` of a turn whose index is already stored succeeds (returning the stored count, writing nothing) when
+  the stored record is byte-identical to ours: retry with the same `Turn` (its `created_at` included).
+- `create_session` of a session whose stored record is byte-identical to ours returns True (it was our create).
+- `amend_turn`, `save_session`, `acquire`, `refresh`, `release` and `put_voice` set a value, so are idempotent.
+
+A write that Redis answered and refused raises `WriteRejected` (a `StoreError`): retrying it unchanged cannot help.
+One caveat: a timed-out write that Redis executes later still executes (a paused Redis runs what is in its socket
+buffers when it resumes), so the retry must carry the same record, not a newer one, to be recognised.
 """
 
 from __future__ import annotations
@@ -29,11 +43,15 @@ from redis.exceptions import RedisError
 from sessions.model import Session, Turn, Voice
 from sessions.serialize import StoreError, decode, encode
 
-__all__ = ["SessionKeys", "SessionStore", "StoreError"]
+__all__ = ["SessionKeys", "SessionStore", "StoreError", "WriteRejected"]
 
-# KEYS: meta, turns. ARGV: record, updated_at, ttl_ms. Returns 1 if created, 0 if the id exists.
+# KEYS: meta, turns. ARGV: record, updated_at, ttl_ms.
+# Returns 1 if created, 2 if the id exists with this very record (a retried create), 0 if it exists otherwise.
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'record') == ARGV[1] then return 2 end
+  return 0
+end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'turns', 0, 'updated_at', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -49,14 +67,35 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
-# KEYS: meta, turns. ARGV: index, turn, updated_at, ttl_ms.
-# Returns {1, new count}, {0, current count} on an index mismatch, {-1, 0} if there is no such session.
+# KEYS: meta, turns. ARGV: index, turn, updated_at, ttl_ms. Returns {status, count}: {1, new count} appended,
+# {2, count} already stored (the same bytes at that index: a retry), {3, count} a different record at that index,
+# {0, count} the index is past the end, {-1, 0} there is no such session.
 _APPEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 local n = tonumber(redis.call('HGET', KEYS[1], 'turns'))
-if n ~= tonumber(ARGV[1]) then return {0, n} end
+local i = tonumber(ARGV[1])
+if i < n then
+  if redis.call('LINDEX', KEYS[2], i) ~= ARGV[2] then return {3, n} end
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  return {2, n}
+end
+if i > n then return {0, n} end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 n = redis.call('HINCRBY', KEYS[1], 'turns', 1)
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return {1, n}
+"""
+
+# KEYS: meta, turns. ARGV: index, turn, updated_at, ttl_ms.
+# Returns {1, count} replaced, {0, count} the index is not stored, {-1, 0} there is no such session.
+_AMEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local n = tonumber(redis.call('HGET', KEYS[1], 'turns'))
+if tonumber(ARGV[1]) >= n then return {0, n} end
+redis.call('LSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -88,6 +127,20 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+class WriteRejected(StoreError):
+    """Redis answered and refused the write; retrying the same call cannot succeed.
+
+    `reason` says why: "no_session" (never created, or expired), "gap" (an append past the end), "conflict" (another
+    record is stored at that index), "not_stored" (an amend of an index not stored yet). `count` is the number of
+    stored turns Redis reported (0 for "no_session").
+    """
+
+    def __init__(self, message: str, *, reason: str, count: int = 0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.count = count
 
 
 class SessionKeys(NamedTuple):
@@ -142,6 +195,7 @@ class SessionStore:
                 ("create", _CREATE),
                 ("save", _SAVE),
                 ("append", _APPEND),
+                ("amend", _AMEND),
                 ("acquire", _ACQUIRE),
                 ("refresh", _REFRESH),
                 ("release", _RELEASE),
@@ -185,7 +239,9 @@ class SessionStore:
     # -- sessions --------------------------------------------------------------------------------------------------
 
     async def create_session(self, session: Session) -> bool:
-        """Store a new session with no turns; False (and nothing written) if the id already exists."""
+        """Store a new session with no turns. True if it is stored now: created by this call, or already stored with
+        a byte-identical record (the retry of a create whose answer was lost; nothing is written then). False, and
+        nothing written, if the id exists with another record."""
         if session.turns != 0:
             raise ValueError("a new session has no turns; append them with append_turn")
         k = self.session_keys(session.id)
@@ -193,7 +249,7 @@ class SessionStore:
             created = await self._eval(
                 "create", keys=[k.meta, k.turns], args=[encode(session), repr(time.time()), self._session_ttl_ms]
             )
-        return bool(created)
+        return created in (1, 2)
 
     async def load_session(self, session_id: str) -> Session | None:
         with _errors("load_session"):
@@ -216,25 +272,24 @@ class SessionStore:
                 "save", keys=[k.meta, k.turns], args=[encode(session), repr(time.time()), self._session_ttl_ms]
             )
         if not saved:
-            raise StoreError(f"no session {session.id!r} to save (never created, or expired)")
+            raise WriteRejected(f"no session {session.id!r} to save (never created, or expired)", reason="no_session")
 
     async def append_turn(self, session_id: str, turn: Turn) -> int:
-        """Atomically append `turn` (its index must equal the stored turn count) and return the new count."""
-        k = self.session_keys(session_id)
-        with _errors("append_turn"):
-            status, count = await self._eval(
-                "append",
-                keys=[k.meta, k.turns],
-                args=[turn.index, encode(turn), repr(time.time()), self._session_ttl_ms],
-            )
-        if status == -1:
-            raise StoreError(f"no session {session_id!r} to append a turn to (never created, or expired)")
-        if status == 0:
-            raise StoreError(
-                f"turn index {turn.index} does not follow the {count} stored turns of session {session_id!r}"
-                " (a double or out-of-order write)"
-            )
-        return int(count)
+        """Atomically append `turn` and return the stored turn count.
+
+        `turn.index` must equal the stored count, or be an index already stored with this very record (byte for
+        byte: the same `Turn`, `created_at` included), which is a retry of an append that did happen: nothing is
+        written and the current count is returned. Raises `WriteRejected` with reason "no_session", "gap" (index past
+        the end) or "conflict" (another record stored at that index; use `amend_turn` to replace one), and a plain
+        `StoreError` when Redis failed (a timeout or a dropped connection: the append may have happened, retry it).
+        """
+        return await self._write_turn("append", session_id, turn)
+
+    async def amend_turn(self, session_id: str, turn: Turn) -> None:
+        """Replace the stored record at `turn.index` (e.g. a turn cut by the listener's playback report after it was
+        stored), refreshing the session's TTL; atomic, and idempotent. Raises `WriteRejected` with reason
+        "no_session" or "not_stored" (that index has not been appended yet)."""
+        await self._write_turn("amend", session_id, turn)
 
     async def load_turns(self, session_id: str, start: int = 0) -> list[Turn]:
         """The stored turns from index `start` on, in order."""
@@ -285,6 +340,39 @@ class SessionStore:
         if self._redis is None:
             raise RuntimeError("SessionStore is not connected; await connect() first")
         return self._redis
+
+    async def _write_turn(self, script: str, session_id: str, turn: Turn) -> int:
+        if turn.index < 0:
+            raise ValueError("turn.index must be >= 0")
+        k = self.session_keys(session_id)
+        with _errors(f"{script}_turn"):
+            status, count = await self._eval(
+                script, keys=[k.meta, k.turns], args=[turn.index, encode(turn), repr(time.time()), self._session_ttl_ms]
+            )
+        status, count = int(status), int(count)
+        if status in (1, 2):
+            return count
+        where = f"turn {turn.index} of session {session_id!r}"
+        if status == -1:
+            raise WriteRejected(
+                f"no session {session_id!r} to {script} a turn of (never created, or expired)", reason="no_session"
+            )
+        if script == "amend":
+            raise WriteRejected(
+                f"cannot amend {where}: only {count} turns are stored", reason="not_stored", count=count
+            )
+        if status == 3:
+            raise WriteRejected(
+                f"{where} is already stored with a different record (a conflicting double write; amend_turn replaces)",
+                reason="conflict",
+                count=count,
+            )
+        raise WriteRejected(
+            f"turn index {turn.index} does not follow the {count} stored turns of session {session_id!r}"
+            " (an out-of-order write)",
+            reason="gap",
+            count=count,
+        )
 
     async def _eval(self, script: str, *, keys: list[str], args: list[Any]) -> Any:
         if self._redis is None:

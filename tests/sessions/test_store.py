@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import redis.asyncio as aioredis
 
 from sessions.embedded import EmbeddedRedis
 from sessions.model import Session, Speaker, Turn, Voice
-from sessions.store import SessionStore, StoreError
+from sessions.store import SessionStore, StoreError, WriteRejected
 
 DAY_MS = 86400 * 1000
 
@@ -82,22 +84,83 @@ async def test_append_and_load_turns(store: SessionStore, raw: aioredis.Redis) -
 
 async def test_append_turn_checks_the_index(store: SessionStore) -> None:
     await store.create_session(Session("s"))
-    assert await store.append_turn("s", turn(0)) == 1
-    with pytest.raises(StoreError, match="turn index 0 does not follow the 1 stored turns"):
-        await store.append_turn("s", turn(0))  # a double write
-    with pytest.raises(StoreError, match="turn index 2 does not follow"):
-        await store.append_turn("s", turn(2))  # a gap
-    with pytest.raises(StoreError, match="no session 'nope'"):
+    first = turn(0)
+    assert await store.append_turn("s", first) == 1
+    assert await store.append_turn("s", turn(1)) == 2
+    assert await store.append_turn("s", first) == 2  # the same record again: a retry, done already
+    other = turn(0)
+    other.text = "something else"
+    with pytest.raises(WriteRejected, match="turn 0 of session 's' is already stored with a different record") as e:
+        await store.append_turn("s", other)  # a conflicting double write
+    assert (e.value.reason, e.value.count) == ("conflict", 2)
+    with pytest.raises(WriteRejected, match="turn index 3 does not follow the 2 stored turns") as e:
+        await store.append_turn("s", turn(3))  # a gap
+    assert (e.value.reason, e.value.count) == ("gap", 2)
+    with pytest.raises(WriteRejected, match="no session 'nope'") as e:
         await store.append_turn("nope", turn(0))
-    assert [t.index for t in await store.load_turns("s")] == [0]
+    assert e.value.reason == "no_session" and isinstance(e.value, StoreError)
+    with pytest.raises(ValueError):
+        await store.append_turn("s", turn(-1))
+    turns = await store.load_turns("s")
+    assert [t.index for t in turns] == [0, 1] and turns[0].text == "turn 0"
 
 
 async def test_concurrent_appends_of_the_same_index_store_one_turn(store: SessionStore) -> None:
     await store.create_session(Session("s"))
-    results = await asyncio.gather(*(store.append_turn("s", turn(0)) for _ in range(20)), return_exceptions=True)
-    assert results.count(1) == 1
-    assert all(isinstance(r, StoreError) for r in results if r != 1)
-    assert len(await store.load_turns("s")) == 1
+    same = turn(0)  # the same record written 20 times at once (retries racing the original): all succeed, once
+    assert await asyncio.gather(*(store.append_turn("s", same) for _ in range(20))) == [1] * 20
+    rivals = [Turn(1, 0, f"rival {i}", "complete", 0) for i in range(20)]  # different records for one index
+    results = await asyncio.gather(*(store.append_turn("s", r) for r in rivals), return_exceptions=True)
+    assert results.count(2) == 1
+    assert all(isinstance(r, WriteRejected) and r.reason == "conflict" for r in results if r != 2)
+    turns = await store.load_turns("s")
+    assert len(turns) == 2 and turns[1].text == rivals[results.index(2)].text
+
+
+async def test_a_retried_create_is_not_mistaken_for_another_session(store: SessionStore, raw: aioredis.Redis) -> None:
+    session = Session("s", speakers=[Speaker(0, "alice")])
+    assert await store.create_session(session) is True
+    assert await store.create_session(session) is True  # the same record: our own create, its answer lost
+    assert await store.create_session(Session("s", speakers=[Speaker(0, "alice")])) is False  # another one
+    assert await raw.hget(store.session_keys("s").meta, "turns") == b"0"
+
+
+async def test_amend_turn_replaces_a_stored_turn(store: SessionStore, raw: aioredis.Redis) -> None:
+    keys = store.session_keys("s")
+    await store.create_session(Session("s"))
+    for i in range(3):
+        await store.append_turn("s", turn(i, frames=8))
+    before = await store.load_session("s")
+    assert before is not None
+    cut = turn(1, frames=3)
+    cut.text, cut.state, cut.audio_ms = "turn", "cancelled", 63
+    for key in (keys.meta, keys.turns):
+        await raw.pexpire(key, 5_000)
+    await store.amend_turn("s", cut)
+    await store.amend_turn("s", cut)  # idempotent
+    for key in (keys.meta, keys.turns):
+        assert await raw.pttl(key) > DAY_MS - 10_000  # TTL refreshed
+    turns = await store.load_turns("s")
+    assert [t.text for t in turns] == ["turn 0", "turn", "turn 2"]
+    assert (turns[1].state, turns[1].audio_ms) == ("cancelled", 63)
+    assert turns[1].codes is not None and turns[1].codes.shape == (10, 3)
+    after = await store.load_session("s")
+    assert after is not None and after.turns == 3 and after.updated_at >= before.updated_at
+    # the original append, retried after the amendment, is now a conflict: it does not undo the cut
+    with pytest.raises(WriteRejected) as e:
+        await store.append_turn("s", turn(1))
+    assert e.value.reason == "conflict"
+
+    with pytest.raises(WriteRejected, match="cannot amend turn 3 of session 's': only 3 turns are stored") as e:
+        await store.amend_turn("s", turn(3))
+    assert (e.value.reason, e.value.count) == ("not_stored", 3)
+    with pytest.raises(WriteRejected, match="no session 'ghost'") as e:
+        await store.amend_turn("ghost", turn(0))
+    assert e.value.reason == "no_session"
+    await store.create_session(Session("empty"))
+    with pytest.raises(WriteRejected, match="only 0 turns are stored"):
+        await store.amend_turn("empty", turn(0))
+    assert await raw.llen(keys.turns) == 3
 
 
 async def test_ttl_is_set_and_refreshed_on_every_write(store: SessionStore, raw: aioredis.Redis) -> None:
@@ -228,3 +291,67 @@ async def test_outage_and_recovery(tmp_path: Path) -> None:
             assert [t.index for t in await store.load_turns("s")] == [0, 1]
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def paused(server: EmbeddedRedis) -> Iterator[None]:
+    """Redis hung (SIGSTOP) for the duration of the block."""
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+async def until(read: Callable[[], Awaitable[Any]], want: Any, timeout_s: float = 2.0) -> Any:
+    """Poll `read()` until it returns `want` or `timeout_s` passes; the last value read."""
+    deadline = time.monotonic() + timeout_s
+    while (value := await read()) != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return value
+
+
+async def test_a_timed_out_append_that_did_happen_is_not_stored_twice(tmp_path: Path) -> None:
+    """Redis paused mid-append: the call times out, yet Redis runs it when it resumes; the retry counts as done."""
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        raw = aioredis.Redis.from_url(server.url)
+        async with SessionStore(server.url, socket_timeout_s=0.3) as store:
+            keys = store.session_keys("s")
+            await store.create_session(Session("s"))
+            assert await store.append_turn("s", turn(0)) == 1
+            t1 = turn(1)
+            with paused(server), pytest.raises(StoreError, match="Timeout") as e:
+                await store.append_turn("s", t1)
+            assert not isinstance(e.value, WriteRejected)  # an unknown outcome: the caller retries
+            # The timed-out append did happen once Redis resumed (it sat in Redis's socket buffer) ...
+            assert await until(lambda: raw.llen(keys.turns), 2) == 2
+            # ... and its retry is recognised: success, the count, no second copy.
+            assert await store.append_turn("s", t1) == 2
+            assert await store.append_turn("s", turn(2)) == 3
+            assert [t.text for t in await store.load_turns("s")] == ["turn 0", "turn 1", "turn 2"]
+            session = await store.load_session("s")
+            assert session is not None and session.turns == 3
+            # Another record at an index already stored stays an error.
+            with pytest.raises(WriteRejected, match="already stored with a different record"):
+                await store.append_turn("s", turn(1))
+
+            # The other writes, retried after a timeout that did execute, give the answer the first call would have.
+            new = Session("t")
+            with paused(server), pytest.raises(StoreError, match="Timeout"):
+                await store.create_session(new)
+            assert await until(lambda: raw.exists(store.session_keys("t").meta), 1) == 1
+            assert await store.create_session(new) is True  # not "exists": it is the session we created
+
+            cut = Turn(2, 0, "turn", "cancelled", 21)
+            with paused(server), pytest.raises(StoreError, match="Timeout"):
+                await store.amend_turn("s", cut)
+            await store.amend_turn("s", cut)
+            settings = Session("s", output={"format": "pcm16"})
+            with paused(server), pytest.raises(StoreError, match="Timeout"):
+                await store.save_session(settings)
+            await store.save_session(settings)
+            session = await store.load_session("s")
+            assert session is not None and session.turns == 3 and session.output == {"format": "pcm16"}
+            assert [t.text for t in await store.load_turns("s")] == ["turn 0", "turn 1", "turn"]
+        await raw.aclose()
