@@ -11,7 +11,7 @@ Going in, one synthesis request becomes one SGLang generate request:
 
 Coming out, the model attaches one row per generated token to SGLang's per-token ``customized_info`` under
 :data:`FRAME_KEY`: ``[main token, 10 codes, flags]``. :class:`FrameCursor` reads SGLang's streamed output dicts and
-returns each frame once, whether SGLang streams cumulative lists (the default) or deltas.
+returns each frame once, under any interleaving of SGLang's tokenizer loop and the reader (cumulative lists only).
 """
 
 from __future__ import annotations
@@ -327,14 +327,19 @@ class FrameCursor:
         )
 
     def _new_rows(self, meta: Mapping[str, Any]) -> list[np.ndarray]:
+        """The rows not taken yet. SGLang (``incremental_streaming_output=False``) hands the request's one growing
+        list in every output, and it may have grown past this output's ``completion_tokens`` by the time the output
+        is read (the tokenizer loop runs ahead of the consumer): so read it as cumulative only, from ``seen`` to its
+        length now, and never trust a count. A list shorter than what was taken is not SGLang's cumulative stream."""
         values: Sequence[Any] = meta.get(self.key) or ()
-        total = meta.get("completion_tokens")
-        if isinstance(total, int) and len(values) == total:  # cumulative lists (SGLang's default streaming)
-            fresh = values[self.seen : total]
-            self.seen = total
-        else:  # deltas (incremental_streaming_output)
-            fresh = values
-            self.seen += len(values)
+        total = len(values)  # once: the list may be the live one
+        if total < self.seen:
+            raise ValueError(
+                f"{self.key} holds {total} rows after {self.seen} were taken: expected SGLang's cumulative lists "
+                "(incremental_streaming_output=False)"
+            )
+        fresh = [values[i] for i in range(self.seen, total)]
+        self.seen = total
         return [np.asarray(v, dtype=np.int64).reshape(-1) for v in fresh if v is not None]
 
 

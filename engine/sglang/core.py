@@ -25,6 +25,7 @@ fused ``wqkv``, SwiGLU, the codebook-embedding sum scaled by 1/sqrt(C + 1), and 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,7 +44,7 @@ from engine.dualar.sampling import RAS_WINDOW, SamplingParams, main_token_ids
 from engine.sglang.convert import FLAG_FAILED, FLAG_RAS, RequestPlan
 from engine.sglang.sampling import draw_main, draw_residual
 
-__all__ = ["BatchInfo", "S2ProCore", "StepOutput"]
+__all__ = ["BatchInfo", "S2ProCore", "StepOutput", "without_custom_processor"]
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,10 @@ class S2ProCore(nn.Module):
         state("row_slot", (max_rows,), torch.long)
         state("row_final", (max_rows,), torch.bool)
         state("out_frames", (max_rows, 2 + cb), torch.int32)
+        self.register_buffer("main_head", torch.zeros(0), persistent=False)  # (M, D) head rows of main_ids
         self._extend: _ExtendInputs | None = None
         self._owner: dict[int, str | None] = {}  # slot -> rid of the request whose prompt initialized it
+        self.failed_pass: str | None = None  # why the last prepared pass cannot run (every row fails), or None
         self.init_buffers()
 
     # ------------------------------------------------------------------------------------------ setup
@@ -202,6 +205,8 @@ class S2ProCore(nn.Module):
             for stack, table in zip((self.slow, self.fast), tables, strict=True):
                 _set_buffer(stack, "rope", table, device)
             _set_buffer(self.slow, "codebook_offsets", offsets, device)
+            # the main-token rows of the output head, gathered once per weight load instead of every step
+            _set_buffer(self, "main_head", self.slow.head_weight().detach()[self.main_ids].contiguous(), device)
             cache = self.fast.layers[0].attention.kv_cache if len(self.fast.layers) else None
             if cache is None or cache.k_cache.shape[0] < self.max_rows or cache.k_cache.dtype != dtype:
                 self.fast.setup_caches(self.max_rows, self.config.num_codebooks, dtype)
@@ -244,16 +249,41 @@ class S2ProCore(nn.Module):
     # ------------------------------------------------------------------------------------------ host side
 
     def prepare(self, batch: BatchInfo) -> None:
-        """Before a forward pass (host side, eager): rows -> slots, and for an extend the per-token inputs."""
+        """Before a forward pass (host side, eager): rows -> slots, and for an extend the per-token inputs.
+
+        Never raises: SGLang's scheduler dies on any exception from the model, and takes Shoal with it. A request
+        whose state cannot be set up (no plan, a slot outside ``max_slots``) gets a failed slot, so it alone ends
+        with an error frame; a pass that cannot run at all (too many rows, anything unexpected) is recorded in
+        :attr:`failed_pass` and :meth:`guarded_step` answers it with an error frame for every row.
+        """
+        self.failed_pass = None
+        self._extend = None
+        try:
+            self._prepare(batch)
+        except Exception as exc:  # noqa: BLE001 - contained: this pass's requests fail, the server lives
+            log.exception("preparing a forward pass failed; its %d request(s) will end with an error", batch.rows)
+            self.failed_pass = f"{type(exc).__name__}: {exc}"
+            self._extend = None
+            self.row_slot.zero_()  # every row on the failed padding slot: a replayed decode graph ends them too
+            self.row_final.zero_()
+            self.slot_fail[0] = True
+
+    def _prepare(self, batch: BatchInfo) -> None:
         rows = batch.rows
         if rows > self.max_rows:
             raise RuntimeError(f"batch of {rows} requests exceeds the model's max_rows ({self.max_rows})")
-        self._extend = None
         self.row_slot.zero_()
         self.row_final.zero_()
         if rows == 0:
             return
-        self.row_slot[:rows].copy_(batch.slots.to(torch.long))
+        slots = batch.slots.to(torch.long)
+        outside = (slots < 1) | (slots >= self.max_slots)
+        if bool(outside.any()):  # those rows read and write the padding slot 0, which is marked failed
+            log.error("req_pool_index outside the model's %d slots (raise max_slots); ending those requests",
+                      self.max_slots)
+            slots = torch.where(outside, torch.zeros_like(slots), slots)
+            self.slot_fail[0] = True
+        self.row_slot[:rows].copy_(slots)
         if batch.decode:
             self.row_final[:rows] = True
             return
@@ -269,6 +299,7 @@ class S2ProCore(nn.Module):
         inits: list[tuple[int, RequestPlan | None]] = []  # slots to (re)initialize, None = failed request
         for i in range(batch.rows):
             start, length, slot = int(batch.prefix_lens[i]), int(batch.extend_lens[i]), int(slots[i])
+            slot = slot if 1 <= slot < self.max_slots else 0  # outside: the failed padding slot (see prepare)
             stop = start + length
             row_codes = np.zeros((length, c.num_codebooks), dtype=np.int64)
             row_audio, row_from_slot = np.zeros(length, dtype=bool), np.zeros(length, dtype=bool)
@@ -276,6 +307,8 @@ class S2ProCore(nn.Module):
                 plan = RequestPlan.from_custom(custom[i], c.num_codebooks)
             except ValueError as exc:
                 log.error("request %s: %s", rids[i], exc)
+                plan = None
+            if slot == 0:
                 plan = None
             if plan is not None and stop <= plan.prompt_len:  # (a chunk of) the prompt
                 row_codes, row_audio = plan.window(start, stop)
@@ -296,6 +329,7 @@ class S2ProCore(nn.Module):
             from_slot.append(row_from_slot)
             token_slot.append(np.full(length, slot, dtype=np.int64))
             final.append(is_final)
+        inits = [(slot, plan) for slot, plan in inits if slot != 0]
         if inits:
             self._init_slots(inits)
 
@@ -336,6 +370,32 @@ class S2ProCore(nn.Module):
         self.slot_window.index_copy_(0, index, torch.full((n, RAS_WINDOW), -1, dtype=torch.long, device=device))
 
     # ------------------------------------------------------------------------------------------ device side
+
+    def guarded_step(self, input_ids: Tensor, positions: Tensor, ctx: object, *, decode: bool,
+                     extend_lens: Tensor | None = None, token: object = None) -> StepOutput:
+        """:meth:`step`, except that a failure (recorded by :meth:`prepare`, or raised here) ends every request of
+        this pass with an error frame instead of reaching SGLang's scheduler (whose death would take Shoal's
+        process with it). The next pass starts clean."""
+        rows = input_ids.shape[0] if decode else (extend_lens.shape[0] if extend_lens is not None else 0)
+        if self.failed_pass is None:
+            try:
+                return self.step(input_ids, positions, ctx, decode=decode, extend_lens=extend_lens, token=token)
+            except Exception as exc:  # noqa: BLE001 - contained, see above
+                log.exception("the model failed on a pass of %d request(s); they end with an error", rows)
+                self.failed_pass = f"{type(exc).__name__}: {exc}"
+        return self.failed_output(rows, input_ids.device)
+
+    def failed_output(self, rows: int, device: torch.device) -> StepOutput:
+        """Every row a forced ``<|im_end|>`` flagged FLAG_FAILED (SGLang stops the request; the cursor reports it)."""
+        c = self.config
+        frames = torch.zeros((rows, 2 + c.num_codebooks), dtype=torch.int32, device=device)
+        frames[:, 0] = c.im_end_id
+        frames[:, -1] = FLAG_FAILED
+        kept = min(rows, self.max_rows)
+        self.out_frames[:kept].copy_(frames[:kept])
+        logits = torch.full((rows, c.slow.vocab_size), float("-inf"), device=device, dtype=torch.float32)
+        logits[:, c.im_end_id] = 0.0
+        return StepOutput(logits, frames, torch.zeros((rows, c.slow.dim), device=device))
 
     def step(
         self,
@@ -387,7 +447,7 @@ class S2ProCore(nn.Module):
         # hidden: (R, D); slots: (R,) slot of each row; final: (R,) bool rows whose frame counts (state advances)
         c = self.config
         rows = hidden.shape[0]
-        allowed = F.linear(hidden, self.slow.head_weight()[self.main_ids])  # (R, M)
+        allowed = F.linear(hidden, self.main_head)  # (R, M), head rows gathered once (init_buffers)
         params = SamplingParams(self.slot_temperature[slots], self.slot_top_p[slots], self.slot_top_k[slots])
         seed, step = self.slot_seed[slots], self.slot_step[slots]
         drawn = draw_main(
@@ -426,6 +486,21 @@ class S2ProCore(nn.Module):
         logits = torch.full((rows, c.slow.vocab_size), float("-inf"), device=hidden.device, dtype=torch.float32)
         logits.scatter_(1, main[:, None], 0.0)
         return StepOutput(logits, frames, hidden)
+
+
+def without_custom_processor(sampling_info: Any) -> Any:
+    """A shallow copy of SGLang's ``SamplingBatchInfo`` with the custom logit processor switched off.
+
+    Shoal's processor (``ShoalPassthrough``) exists only to carry each request's plan to the model's extend pass;
+    on every later step SGLang would still ``index_select`` and ``index_copy_`` the full (R, V) logits around it.
+    A decode pass gets this copy instead (the running batch keeps its own object, so a request joining later
+    still brings its plan)."""
+    if sampling_info is None or not getattr(sampling_info, "has_custom_logit_processor", False):
+        return sampling_info
+    clone = copy.copy(sampling_info)
+    clone.has_custom_logit_processor = False
+    clone.custom_logit_processor = None
+    return clone
 
 
 def _set_buffer(module: nn.Module, name: str, value: Tensor, device: torch.device) -> None:

@@ -22,16 +22,14 @@ by a frames-per-character guard, and a barge-in stops it within one step.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import concurrent.futures
 import contextlib
+import importlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -47,8 +45,9 @@ from engine.markup import plain_text
 from engine.sglang.checkpoint import MODEL_PACKAGE, ShadowCheckpoint, write_shadow_checkpoint
 from engine.sglang.convert import FrameCursor, SGLangRequest, TokenIds, build_request, frame_budget
 from engine.sglang.guard import BackendUnavailable, require_sglang_backend
+from engine.sglang.process import ChildMonitor, keep_signals, stop_engine, take_over
 
-__all__ = ["SGLangConfig", "SGLangSynthesizer", "engine_kwargs"]
+__all__ = ["SGLangConfig", "SGLangSynthesizer", "engine_kwargs", "register_model_package"]
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +128,41 @@ def engine_kwargs(config: SGLangConfig, shadow: ShadowCheckpoint) -> dict[str, A
         "chunked_prefill_size": config.chunked_prefill_size,
         "page_size": 1,  # prefixes reused to the position, not rounded down to a page
         "enable_custom_logit_processor": True,  # carries each request's plan to the model (custom_params)
-        "incremental_streaming_output": False,  # cumulative meta_info lists (FrameCursor reads either)
+        "incremental_streaming_output": False,  # cumulative meta_info lists: the only kind FrameCursor reads
         "stream_interval": 1,
         "tp_size": 1,  # one engine per GPU; the model's linear layers are not sharded
         "base_gpu_id": config.gpu,
         "random_seed": 0,
         "log_level": config.log_level,
     }
+
+
+def register_model_package() -> Any:
+    """Make Shoal's model class known to SGLang, here and in the processes SGLang spawns; returns the class.
+
+    SGLang imports the package named by ``SGLANG_EXTERNAL_MODEL_PACKAGE`` in each of its processes and skips a
+    module that fails to import with a warning (hidden at ``log_level="error"``), so a broken model module used to
+    surface as "architecture not supported". Here the package is imported first, and a failure is an EngineError
+    that names its cause; the package's ``__init__`` imports the module eagerly, so in SGLang's processes the
+    cause is raised too instead of being skipped."""
+    os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = MODEL_PACKAGE
+    try:
+        module = importlib.import_module(f"{MODEL_PACKAGE}.shoal_s2pro")
+    except Exception as exc:
+        raise EngineError(
+            f"cannot import Shoal's SGLang model package {MODEL_PACKAGE} ({type(exc).__name__}: {exc}); "
+            f"SGLang would report it as an unsupported architecture"
+        ) from exc
+    from sglang.srt.models.registry import ModelRegistry
+
+    from engine.sglang.checkpoint import ARCHITECTURE
+
+    model_class = module.EntryClass
+    ModelRegistry.models.setdefault(ARCHITECTURE, model_class)  # this process too, whatever came first
+    registered = ModelRegistry.models.get(ARCHITECTURE)
+    if registered is not model_class:
+        raise EngineError(f"SGLang's registry holds {registered!r} under {ARCHITECTURE}, not Shoal's model class")
+    return model_class
 
 
 Launcher = Callable[[dict[str, Any]], Any]  # engine kwargs -> an object with sglang.Engine's methods used here
@@ -153,6 +180,7 @@ class SGLangSynthesizer:
         self._error: str | None = "not started"
         self._codec = codec  # engine.dualar.codec.Codec; given, or loaded at start
         self._engine: Any = None
+        self._monitor: ChildMonitor | None = None
         self._prompts: Any = None  # engine.dualar.prompt.PromptBuilder
         self._ids: TokenIds | None = None
         self._processor: str | None = None
@@ -187,6 +215,26 @@ class SGLangSynthesizer:
         except Exception as exc:  # SGLang's own start-up failures
             self._error = f"{type(exc).__name__}: {exc}"
             raise EngineError(f"SGLang failed to start: {self._error}") from exc
+        self._own_process()
+
+    def _own_process(self) -> None:
+        """On the serving loop's thread: SGLang's loop set-up with Shoal's signal handlers kept, and Shoal's monitor
+        of SGLang's processes instead of SGLang's SIGQUIT watchdog (``process``)."""
+        if self._engine is None or self._monitor is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def died(message: str) -> None:  # on the monitor's thread
+            loop.call_soon_threadsafe(self._engine_died, message)
+
+        self._monitor = take_over(self._engine, died)
+
+    def _engine_died(self, message: str) -> None:
+        if self._error is not None:
+            return
+        log.error("the SGLang engine died (%s); its requests fail, the engine reports unhealthy", message)
+        self._error = f"SGLang engine died: {message}"
+        self._closed.set()
 
     def load(self) -> None:
         """Blocking: shadow checkpoint, tokenizer, codec, then the SGLang engine (minutes: weights, CUDA graphs).
@@ -242,18 +290,12 @@ class SGLangSynthesizer:
         self._error = None
 
     def _launch_sglang(self, kwargs: dict[str, Any]) -> Any:
-        # SGLang's registration of out-of-tree models: its processes (spawned by Engine, inheriting the environment)
-        # import this package and register its EntryClass under the architecture the shadow config names.
-        os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = MODEL_PACKAGE
         import sglang
-        from sglang.srt.models.registry import ModelRegistry
 
-        from engine.sglang.checkpoint import ARCHITECTURE
-        from engine.sglang.models.shoal_s2pro import ShoalPassthrough, ShoalS2ProForCausalLM
-
-        ModelRegistry.models.setdefault(ARCHITECTURE, ShoalS2ProForCausalLM)  # this process too, whatever came first
-        self._processor = ShoalPassthrough.to_str()
-        return sglang.Engine(**kwargs)
+        model_class = register_model_package()
+        self._processor = model_class.passthrough.to_str()
+        with keep_signals():  # from the main thread, Engine() would take SIGQUIT over for the whole process
+            return sglang.Engine(**kwargs)
 
     def _raw_config(self) -> tuple[dict[str, Any], Path | None, Path | None]:
         """The S2 Pro config.json document, the weights' directory and the checkpoint directory (None: preset)."""
@@ -300,10 +342,11 @@ class SGLangSynthesizer:
         for task in list(self._warm.values()):
             task.cancel()
         engine, self._engine = self._engine, None
+        monitor, self._monitor = self._monitor, None
         if engine is not None:
             for rid in list(self._inflight):
                 self._abort(engine, rid)
-            await asyncio.get_running_loop().run_in_executor(None, _stop_engine, engine)
+            await asyncio.get_running_loop().run_in_executor(None, stop_engine, engine, monitor)
         self._executor.shutdown(wait=False)  # decodes already queued finish; their streams then end
         if self._owns_shadow_dir and self._shadow_dir is not None:
             shutil.rmtree(self._shadow_dir, ignore_errors=True)
@@ -355,11 +398,14 @@ class SGLangSynthesizer:
                         yield await self._decode(decoder, pending)
                         pending, size = [], min(size * 2, cfg.max_chunk_frames)
                 if update.done:
-                    finished = True
+                    # a model-side failure ends the request on our side; SGLang may not know (a replayed graph)
+                    finished = update.reason != "error"
                     self._record_usage(request.session or sreq.rid, update.prompt_tokens, update.cached_tokens)
                     if update.reason == "error" or (update.reason == "cancelled" and self._error is None):
                         raise EngineError(f"s2pro (sglang) synthesis failed: {update.error or update.reason}")
                     break
+            if not finished and self._error not in (None, "closed"):  # the engine died under this stream
+                raise EngineError(f"s2pro (sglang) synthesis failed: {self._error}")
             if pending and self._error is None:
                 yield await self._decode(decoder, pending)
         except _Closed:
@@ -493,23 +539,3 @@ class SGLangSynthesizer:
 
 class _Closed(Exception):
     """The engine was closed under a stream: it ends quietly."""
-
-
-def _stop_engine(engine: Any, timeout: float = 30.0) -> None:
-    """Stop the SGLang processes this engine started (by pid; never other children of this process)."""
-    pids = set(engine.get_all_child_pids())
-    children = {p.pid: p for p in multiprocessing.active_children() if p.pid in pids}
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        process = children.get(pid)
-        if process is not None:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    atexit.unregister(engine.shutdown)  # its shutdown kills every child of this process, not only SGLang's

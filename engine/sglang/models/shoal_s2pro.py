@@ -34,7 +34,7 @@ from torch import Tensor
 
 from engine.dualar.config import ModelConfig
 from engine.sglang.convert import FRAME_KEY
-from engine.sglang.core import BatchInfo, S2ProCore
+from engine.sglang.core import BatchInfo, S2ProCore, without_custom_processor
 
 __all__ = ["EntryClass", "ShoalPassthrough", "ShoalS2ProForCausalLM", "install_sample_hook"]
 
@@ -55,7 +55,10 @@ def _after_sample(result: Any, runner: Any, logits_output: Any = None, forward_b
                   **kw: Any) -> None:
     attach = getattr(getattr(runner, "model", None), "shoal_attach_frames", None)
     if attach is not None and logits_output is not None and forward_batch is not None:
-        attach(logits_output, forward_batch)
+        try:
+            attach(logits_output, forward_batch)
+        except Exception:  # an exception here would kill SGLang's scheduler (and SIGQUIT Shoal): log, go on
+            log.exception("attaching this step's frames failed; its requests end with an error")
     return None  # keep SGLang's sampled ids
 
 
@@ -74,6 +77,8 @@ def install_sample_hook() -> None:
 
 
 class ShoalS2ProForCausalLM(S2ProCore):
+    passthrough = ShoalPassthrough  # the processor every request names (it carries the plan)
+
     def __init__(self, config: Any, quant_config: Any = None, prefix: str = "", **_: Any) -> None:
         if quant_config is not None:
             raise ValueError("the Shoal S2 Pro model does not support quantization")
@@ -114,6 +119,8 @@ class ShoalS2ProForCausalLM(S2ProCore):
         rows = 0 if mode.is_idle() else int(forward_batch.batch_size)
         slots_cpu = getattr(forward_batch, "req_pool_indices_cpu", None)
         sampling = getattr(forward_batch, "sampling_info", None)
+        if mode.is_decode():  # the plan reached the model at the extend; skip the processor's per-step copies
+            forward_batch.sampling_info = without_custom_processor(sampling)
         self.prepare(
             BatchInfo(
                 decode=mode.is_decode(),
@@ -134,7 +141,7 @@ class ShoalS2ProForCausalLM(S2ProCore):
             empty = torch.zeros((0, self.config.slow.vocab_size), dtype=torch.float32, device=input_ids.device)
             return LogitsProcessorOutput(next_token_logits=empty)
         decode = mode.is_decode()
-        out = self.step(
+        out = self.guarded_step(
             input_ids,
             positions,
             forward_batch,
@@ -151,7 +158,10 @@ class ShoalS2ProForCausalLM(S2ProCore):
         rows = int(forward_batch.batch_size)
         host = self._host_frames[self._host_next]
         self._host_next = (self._host_next + 1) % len(self._host_frames)
-        host[:rows].copy_(self.out_frames[:rows], non_blocking=True)
+        if self.failed_pass is not None:  # a replayed graph ran on the failed slot; say so in every row
+            host[:rows].copy_(self.failed_output(rows, torch.device("cpu")).frames)
+        else:
+            host[:rows].copy_(self.out_frames[:rows], non_blocking=True)
         info = dict(logits_output.customized_info or {})
         info[FRAME_KEY] = host[:rows].numpy()  # read (row by row, copied) after SGLang's copy_done event
         logits_output.customized_info = info

@@ -1,10 +1,25 @@
 """A CPU stand-in for the parts of SGLang the model touches: RadixAttention over a per-request KV cache, and a
 tiny runner that feeds :class:`engine.sglang.core.S2ProCore` batches shaped as SGLang's (flattened tokens, extend
-and decode passes, prefix reuse, CUDA-graph padding)."""
+and decode passes, prefix reuse, CUDA-graph padding) through the entry points the model class uses.
+
+:class:`FakeSGLangEngine` also reproduces what SGLang 0.5.23 does to the process that starts it (see
+``engine.sglang.process``): with ``children`` it runs real child processes watched by a SIGQUIT watchdog (a child
+that exits non-zero, a SIGTERM'd one included, makes it SIGQUIT this process), Engine() from the main thread sets a
+SIGQUIT handler that kills the process tree, the first request from the main thread puts SIGTERM / SIGQUIT
+handlers on the event loop (SIGTERM: kill the children and ``sys.exit`` from the loop), and an exception in the
+model kills its scheduler: every request in flight ends, every later one is refused.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -122,8 +137,8 @@ class MiniRunner:
             extend_lens=lens, custom=custom, rids=rids, token=ctx,
         )
         self.core.prepare(info)
-        out = self.core.step(torch.tensor(ids), torch.tensor(positions), ctx, decode=False,
-                             extend_lens=torch.tensor(lens), token=ctx)
+        out = self.core.guarded_step(torch.tensor(ids), torch.tensor(positions), ctx, decode=False,
+                                     extend_lens=torch.tensor(lens), token=ctx)
         self.hidden.append(out.hidden)
         return [row.numpy() for row in out.frames]
 
@@ -137,8 +152,8 @@ class MiniRunner:
         info = BatchInfo(decode=True, rows=len(rows), slots=torch.tensor(slots), slots_cpu=slots)
         self.core.prepare(info)
         ctx = Pass(self.pool, slots + [0] * padding, positions + [0] * padding, [1] * len(rows) + [0] * padding)
-        out = self.core.step(torch.tensor(ids + [0] * padding), torch.tensor(positions + [0] * padding), ctx,
-                             decode=True)
+        out = self.core.guarded_step(torch.tensor(ids + [0] * padding), torch.tensor(positions + [0] * padding), ctx,
+                                     decode=True)
         self.hidden.append(out.hidden[: len(rows)])
         return [row.numpy() for row in out.frames[: len(rows)]]
 
@@ -166,15 +181,89 @@ class _Request:
     done: bool = False
 
 
+def _kill_process_tree_with_parent() -> None:
+    """SGLang's ``kill_process_tree(os.getpid())``: the parent goes too."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sleep_forever() -> None:  # a stand-in scheduler process
+    signal.set_wakeup_fd(-1)  # forked: start with default signal handling, as SGLang's spawned processes do
+    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    while True:
+        time.sleep(3600)
+
+
+class FakeWatchdog:
+    """SGLang's ``SubprocessWatchdog``: SIGQUIT to this process once a watched child exits with a non-zero code."""
+
+    def __init__(self, processes: list, interval: float = 0.1) -> None:
+        self.processes, self.interval = processes, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="subprocess-watchdog")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self.interval)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for process in self.processes:
+                if not process.is_alive() and process.exitcode != 0:
+                    os.kill(os.getpid(), signal.SIGQUIT)
+                    return
+
+
+class FakeTokenizerManager:
+    """The tokenizer manager's process-level behaviour: abort, the watchdog it holds, its loop and signal set-up."""
+
+    def __init__(self, engine: FakeSGLangEngine) -> None:
+        self.engine = engine
+        self._subprocess_watchdog: FakeWatchdog | None = None
+        self.event_loop: asyncio.AbstractEventLoop | None = None
+        self.gracefully_exit = False
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        self.engine.abort(rid, abort_all)
+
+    def auto_create_handle_loop(self) -> None:
+        if self.event_loop is not None:
+            return
+        self.event_loop = loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGTERM, self._sigterm)
+            loop.add_signal_handler(signal.SIGQUIT, _kill_process_tree_with_parent)
+
+    def _sigterm(self) -> None:
+        # SGLang drains, then kills every child of the process and exits from inside the loop
+        self.gracefully_exit = True
+        for process in multiprocessing.active_children():
+            process.kill()
+        sys.exit(0)
+
+
 class FakeSGLangEngine:
     """``sglang.Engine`` as the synthesizer uses it (``async_generate``, ``tokenizer_manager.abort_request``,
-    ``get_all_child_pids``), in process on the CPU: continuous batching of :class:`S2ProCore` steps, a prefix cache
-    over key sequences (a finished request leaves prompt + outputs but its last, like SGLang's radix cache), streamed
-    outputs with the model's frames as per-token ``meta_info`` lists, abort. Built by the synthesizer's launcher."""
+    ``get_all_child_pids``, ``shutdown``), in process on the CPU: continuous batching of :class:`S2ProCore` steps, a
+    prefix cache over key sequences (a finished request leaves prompt + outputs but its last, like SGLang's radix
+    cache), streamed outputs with the model's frames as per-token ``meta_info`` lists, abort. Built by the
+    synthesizer's launcher. ``children`` > 0 adds SGLang's process and signal behaviour (see the module)."""
 
-    def __init__(self, core: S2ProCore, *, cache_entries: int = 64):
+    def __init__(self, core: S2ProCore, *, cache_entries: int = 64, children: int = 0):
         self.core, self.runner = core, MiniRunner(core)
-        self.tokenizer_manager = self
+        self.tokenizer_manager = FakeTokenizerManager(self)
+        self.crashed: str | None = None  # the scheduler died of a model exception
+        self.children: list = []
+        if children:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGQUIT, lambda *_: _kill_process_tree_with_parent())
+            context = multiprocessing.get_context("fork")
+            self.children = [context.Process(target=_sleep_forever, daemon=True) for _ in range(children)]
+            for process in self.children:
+                process.start()
+            self.tokenizer_manager._subprocess_watchdog = FakeWatchdog(self.children)
+        atexit.register(self.shutdown)
         self.waiting: list[_Request] = []
         self.running: dict[str, _Request] = {}
         self.free_slots = list(range(1, core.max_slots))
@@ -186,6 +275,9 @@ class FakeSGLangEngine:
 
     # the Engine API
     async def async_generate(self, input_ids, sampling_params, stream=False, rid=None, custom_logit_processor=None):
+        self.tokenizer_manager.auto_create_handle_loop()
+        if self.crashed is not None:
+            raise RuntimeError(f"the scheduler is dead: {self.crashed}")
         request = _Request(rid or f"fake-{len(self.running)}", list(input_ids), dict(sampling_params), asyncio.Queue())
         self.waiting.append(request)
         if self._loop is None or self._loop.done():
@@ -197,17 +289,23 @@ class FakeSGLangEngine:
             last = out
         return last
 
-    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+    def abort(self, rid: str = "", abort_all: bool = False) -> None:
         for request in [*self.waiting, *self.running.values()]:
             if request.rid == rid or abort_all:
                 self._finish(request, {"type": "abort", "message": "aborted"}, keep=False)
 
     def get_all_child_pids(self) -> list[int]:
-        return []
+        return [p.pid for p in self.children]
 
     def shutdown(self) -> None:
+        """SGLang's: stop the watchdog, then kill the children (SGLang kills every child of the process)."""
         if self._loop is not None:
             self._loop.cancel()
+        if self.tokenizer_manager._subprocess_watchdog is not None:
+            self.tokenizer_manager._subprocess_watchdog.stop()
+        for process in self.children:
+            if process.is_alive():
+                process.kill()
 
     # the scheduler
     async def _stream(self, request: _Request):
@@ -218,6 +316,14 @@ class FakeSGLangEngine:
                 return
 
     async def _run(self) -> None:
+        try:
+            await self._schedule()
+        except Exception as exc:  # SGLang's scheduler process dies of it: nothing in flight survives
+            self.crashed = f"{type(exc).__name__}: {exc}"
+            for request in [*self.waiting, *self.running.values()]:
+                self._finish(request, {"type": "abort", "message": f"scheduler died: {self.crashed}"}, keep=False)
+
+    async def _schedule(self) -> None:
         while self.waiting or self.running:
             if self.waiting:
                 batch, self.waiting = self.waiting, []
@@ -302,3 +408,23 @@ class FakeSGLangEngine:
                 FRAME_KEY: list(request.rows),
             },
         }
+
+
+def shadow_launcher(children: int = 0):  # -> a Launcher for SGLangSynthesizer
+    """Starts the stand-in from the arguments SGLang would get: the shadow checkpoint's config and linked weights."""
+    import json
+    from pathlib import Path
+
+    from engine.dualar.loader import load_state_dict
+
+    def launch(kwargs: dict) -> FakeSGLangEngine:
+        shadow = Path(kwargs["model_path"])
+        raw = json.loads((shadow / "config.json").read_text())
+        core = make_core(ModelConfig.from_dict(raw["shoal_s2pro"]), max_rows=raw["shoal_runtime"]["max_rows"],
+                         max_slots=512)
+        core.load_published(load_state_dict(shadow, progress=False).items())
+        engine = FakeSGLangEngine(core.eval(), children=children)
+        engine.kwargs = kwargs
+        return engine
+
+    return launch

@@ -157,11 +157,10 @@ def outputs(rows: list[np.ndarray], finish: dict | None, *, cumulative: bool = T
     return out
 
 
-@pytest.mark.parametrize("cumulative", [True, False])
-def test_frames_come_out_once_each_and_im_end_ends_them(cumulative: bool) -> None:
+def test_frames_come_out_once_each_and_im_end_ends_them() -> None:
     rows = [row(270, 1), row(280, 2, FLAG_RAS), row(290, 3), row(258)]
     cursor = FrameCursor(IDS)
-    updates = [cursor.feed(o) for o in outputs(rows, {"type": "stop", "matched": 258}, cumulative=cumulative)]
+    updates = [cursor.feed(o) for o in outputs(rows, {"type": "stop", "matched": 258})]
     codes = np.concatenate([u.codes for u in updates], axis=1)
     assert codes.shape == (10, 3) and codes.dtype == np.int16
     assert codes[0].tolist() == [2, 12, 22] and codes[1].tolist() == [1, 2, 3]

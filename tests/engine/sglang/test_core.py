@@ -235,6 +235,17 @@ def test_greedy_frames_equal_the_torch_backend_on_another_prompt(core, config, p
     np.testing.assert_array_equal(rows[:, 1:-1].T, expected)
 
 
-def test_batches_beyond_the_model_bounds_are_refused(core) -> None:
-    with pytest.raises(RuntimeError, match="max_rows"):
-        core.prepare(BatchInfo(decode=True, rows=core.max_rows + 1, slots=torch.ones(core.max_rows + 1)))
+def test_a_batch_beyond_the_model_bounds_fails_its_rows_not_the_process(core, config) -> None:
+    """SGLang's scheduler dies on an exception from the model (and SIGQUITs Shoal): the pass's requests end with an
+    error frame instead, and the next pass runs normally."""
+    rows = core.max_rows + 1
+    core.prepare(BatchInfo(decode=True, rows=rows, slots=torch.ones(rows)))  # does not raise
+    assert core.failed_pass is not None and "max_rows" in core.failed_pass
+    with torch.inference_mode():
+        out = core.guarded_step(torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long), _Dummy(),
+                                decode=True)
+    assert out.frames.shape[0] == rows
+    assert (out.frames[:, 0] == config.im_end_id).all() and (out.frames[:, -1] & FLAG_FAILED).all()
+    assert (out.logits.argmax(-1) == config.im_end_id).all()  # SGLang's greedy sampler stops them
+    core.prepare(BatchInfo(decode=True, rows=1, slots=torch.ones(1)))
+    assert core.failed_pass is None

@@ -147,3 +147,24 @@ def test_the_model_class_wants_the_shadow_config(model_module: types.ModuleType)
     hf = SimpleNamespace(**sglang_hf_config(raw, context_length=64, max_rows=2, max_slots=4))
     with pytest.raises(ValueError, match="quantization"):
         model_module.EntryClass(config=hf, quant_config=object())
+
+
+def test_decode_passes_drop_the_processor_and_a_failing_hook_does_not_raise(model_module: types.ModuleType) -> None:
+    config = load_config(MODEL_DIR)
+    raw = json.loads((MODEL_DIR / "config.json").read_text())
+    hf = SimpleNamespace(**sglang_hf_config(raw, context_length=256, max_rows=4, max_slots=8))
+    model = model_module.EntryClass(config=hf, quant_config=None)
+    model.load_weights(iter(load_state_dict(MODEL_DIR, progress=False).items()))
+    registry = sys.modules["sglang.srt.plugins.hook_registry"].HookRegistry
+    (_, hook, _), = registry._hooks["sglang.srt.model_executor.model_runner.ModelRunner.sample"]
+
+    batch = forward_batch(KVPool(), Mode.DECODE, [2], [10], [1])
+    shared = SimpleNamespace(has_custom_logit_processor=True, custom_logit_processor={7: "entry"}, custom_params=[{}])
+    batch.sampling_info = shared
+    model.prepare_for_forward(batch)
+    assert batch.sampling_info is not shared and not batch.sampling_info.has_custom_logit_processor
+    assert shared.has_custom_logit_processor  # the running batch's own object is untouched
+
+    broken = SimpleNamespace(forward_mode=Mode.DECODE, batch_size="not a number")  # the attach step raises
+    out = SimpleNamespace(customized_info=None)
+    assert hook(torch.tensor([1]), SimpleNamespace(model=model), out, broken) is None  # logged, not raised

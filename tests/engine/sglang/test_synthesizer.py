@@ -17,8 +17,6 @@ frames-per-character guard and ``max_frames``.
 from __future__ import annotations
 
 import asyncio
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,13 +25,11 @@ import torch
 
 from engine.base import PastTurn, Sampling, SynthesisRequest, Synthesizer
 from engine.dualar.codec import load_codec
-from engine.dualar.config import ModelConfig
-from engine.dualar.loader import load_state_dict
 from engine.sglang import SGLangConfig, SGLangSynthesizer, missing_requirements
 from engine.sglang.convert import build_request
 from engine.sglang.keys import shared_prefix_len
 from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
-from tests.engine.sglang.fakes import FakeSGLangEngine, make_core
+from tests.engine.sglang.fakes import shadow_launcher
 
 # The shared contract (tests/engine/test_contract.py), run here with this module's `engine` fixture.
 from tests.engine.test_contract import (
@@ -74,16 +70,7 @@ def config(**overrides: object) -> SGLangConfig:
     return SGLangConfig(**fields)
 
 
-def fake_launcher(kwargs: dict) -> FakeSGLangEngine:
-    """Starts the stand-in from the same arguments SGLang gets: the shadow checkpoint's config and linked weights."""
-    shadow = Path(kwargs["model_path"])
-    raw = json.loads((shadow / "config.json").read_text())
-    core = make_core(ModelConfig.from_dict(raw["shoal_s2pro"]), max_rows=raw["shoal_runtime"]["max_rows"],
-                     max_slots=512)
-    core.load_published(load_state_dict(shadow, progress=False).items())
-    engine = FakeSGLangEngine(core.eval())
-    engine.kwargs = kwargs
-    return engine
+fake_launcher = shadow_launcher()  # the stand-in, from the same arguments SGLang gets
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=ENGINES)
