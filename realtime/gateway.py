@@ -65,7 +65,7 @@ from realtime.protocol import (
     parse_frame,
 )
 from sessions.model import Session, Speaker, Turn, Voice
-from sessions.store import SessionStore, StoreError
+from sessions.store import SessionStore, StoreError, WriteRejected
 
 log = logging.getLogger("shoal.gateway")
 
@@ -763,6 +763,14 @@ class Connection:
                     await self.gw.store.append_turn(self.session.id, pending.turn)
                 else:
                     await self.gw.store.amend_turn(self.session.id, pending.turn)
+            except WriteRejected as exc:  # Redis answered no (the session expired, or another writer): final
+                lost = self.machine.unstored
+                self.gw.metrics.store_turns_lost.inc(lost)
+                log.error("session %s: the store refused turn %d (%s): %s; %d turns are not stored",
+                          self.sid, pending.turn.index, exc.reason, exc, lost)
+                self._send(Error("internal", f"turn {pending.turn.index} could not be stored ({exc}); this "
+                                             "connection stores no more turns: reconnect to resume"))
+                return
             except StoreError as exc:
                 self.gw.metrics.store_writes_retried.inc()
                 if not failing:
