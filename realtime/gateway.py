@@ -175,7 +175,6 @@ class Connection:
         self._current: tuple[int, asyncio.Task[None]] | None = None  # (turn, job task) being synthesized
         self._encoders: dict[int, AudioEncoder] = {}  # per turn being synthesized: a resource, not turn state
         self._closing = False
-        self._slow = False  # dropped as a slow reader
         self._drain_until = 0.0
         self._send_started: float | None = None  # when the frame being sent was handed to the socket
         self._last_received = time.monotonic()
@@ -276,15 +275,12 @@ class Connection:
                 await self.gw.store.release(self.session.id, self.owner)
             except StoreError as exc:
                 log.warning("session %s: could not release ownership (its lease runs out by itself): %s", self.sid, exc)
-        if self.probe is not None and self._slow:
-            self.probe.abort()  # its buffers are full: a close handshake would wait on it
         if self.ws.application_state is not WebSocketState.DISCONNECTED:
             try:
                 async with asyncio.timeout(2.0):
                     await self.ws.close(1000)
             except (WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
-                if self.probe is not None:
-                    self.probe.abort()
+                pass  # gone, or it does not read: uvicorn's close timer ends the socket
 
     def going_away(self) -> None:
         """Server shutdown: stop turns, tell the client, close with 1001."""
@@ -411,11 +407,17 @@ class Connection:
     async def _drop_slow_reader(self, waited: float) -> None:
         log.warning("session %s: the client took no frame for %.1f s: dropping it", self.sid, waited)
         self.gw.metrics.slow_readers.inc()
-        self._slow = True
         if self.machine is not None:
             self._apply(self.machine.cancel(None))
-        self._fatal("limit", f"slow reader: no message taken for {waited:.0f} s; closing", CLOSE_POLICY)
-        await asyncio.sleep(0.5)  # room for the error and the close frame to reach the socket's buffers
+        message = f"slow reader: no message taken for {waited:.0f} s; closing"
+        if self.probe is None:
+            self._fatal("limit", message, CLOSE_POLICY)
+            await asyncio.sleep(0.5)  # room for the error and the close frame to reach the socket
+            raise _Gone
+        # the send loop is held by flow control: the error and the close frame go behind what is queued
+        self.gw.metrics.errors.labels("limit").inc()
+        self.outbox.close()
+        self.probe.send_last(encode(Error("limit", message, fatal=True), self.encoding), CLOSE_POLICY, message[:120])
         raise _Gone
 
     # ------------------------------------------------------------------ receiving
@@ -433,6 +435,7 @@ class Connection:
             if frame is None:
                 continue
             await self._on_frame(frame)
+            await asyncio.sleep(0)  # a client's burst must not starve the writer and the send loop
 
     async def _on_frame(self, frame: bytes | str) -> None:
         size = len(frame)
@@ -787,7 +790,7 @@ class Connection:
                 delay = min(delay * 2, 2.0)
                 continue
             if failing:
-                log.info("session %s: the store is back; turn %d stored", self.sid, pending.turn.index)
+                log.warning("session %s: the store is back; turn %d stored", self.sid, pending.turn.index)
             failing, delay = False, 0.1
             self.machine.write_ok(pending)
             pending = None

@@ -39,7 +39,7 @@ class ReadProbe:
     def of(cls, scope: Scope) -> ReadProbe | None:
         protocol = scope.get(SCOPE_KEY)
         if protocol is None or not all(
-            hasattr(protocol, name) for name in ("pending_ping_payload", "ping_sent_at", "transport")
+            hasattr(protocol, name) for name in ("pending_ping_payload", "ping_sent_at", "transport", "conn", "close_sent", "close_timer")
         ):
             return None
         return cls(protocol)
@@ -50,8 +50,21 @@ class ReadProbe:
             return 0.0
         return max(0.0, self._loop.time() - float(self._protocol.ping_sent_at))
 
-    def abort(self) -> None:
-        """Drop the connection now (what is queued in user space is discarded)."""
-        transport = self._protocol.transport
-        if transport is not None:
-            transport.abort()
+    def send_last(self, frame: bytes | str, code: int, reason: str, grace_s: float = 2.0) -> None:
+        """Queue ``frame`` and a close frame behind everything already sent, past the flow control that holds a
+        normal send while the client does not read (the send loop is blocked there). The socket stays open and
+        read (closing it with the client's unread pongs in it would reset the connection and discard what it has
+        not taken yet) until the client echoes the close, or ``grace_s`` passes and it is aborted."""
+        p = self._protocol
+        transport = p.transport
+        if transport is None or transport.is_closing() or p.close_sent:
+            return
+        if isinstance(frame, bytes):
+            p.conn.send_binary(frame)
+        else:
+            p.conn.send_text(frame.encode())
+        p.conn.send_close(code, reason)
+        transport.write(b"".join(p.conn.data_to_send()))
+        p.close_sent = True  # uvicorn's own bookkeeping of a close sent through ASGI, which would wait here
+        if p.close_timer is None:
+            p.close_timer = self._loop.call_later(grace_s, transport.abort)

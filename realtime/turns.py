@@ -242,7 +242,9 @@ class TurnMachine:
 
     @property
     def unstored(self) -> int:
-        return len(self.history) - self.stored + len(self._amends)
+        """Finished turns the store does not have yet (remembered, or with their turn.done on its way)."""
+        finishing = sum(1 for t in self._turns.values() if t.done_queued and t.record is None)
+        return len(self.history) - self.stored + len(self._amends) + finishing
 
     def state(self, turn: int) -> TurnState | None:
         t = self._turns.get(turn)
@@ -311,7 +313,7 @@ class TurnMachine:
             if self.unstored >= self.limits.max_unstored:
                 raise ProtocolError(
                     "limit",
-                    f"the session store is unavailable and {self.unstored} turns wait to be stored; "
+                    f"{self.unstored} finished turns wait to be stored (the session store is slow or unavailable); "
                     "new turns are refused until it takes them",
                 )
             speaker = msg.speaker if msg.speaker is not None else self.default_speaker

@@ -100,6 +100,10 @@ async def test_cancel_cuts_the_stored_codes_frame_exactly(s2: Server) -> None:
     done, _ = await client.until("turn.done", timeout=30)
     assert done["reason"] == "cancelled"
     await client.close()
+    # the writer stores the turn after turn.done; a resume waits for the closed connection to let go
+    again = await Client.connect(s2.url)
+    assert (await again.start(session=ready["session"]))["turns"] == 1
+    await again.close()
     turn = (await stored_turns(s2, ready["session"]))[0]
     assert (turn.state, turn.codes.shape, turn.audio_ms) == ("cancelled", (10, 3), round(3 * FRAME_MS)), done
 

@@ -423,11 +423,7 @@ async def _slow_reader(srv: Server, codec: str, rcvbuf: int | None = None) -> we
     return ws
 
 
-@pytest.mark.parametrize("buffers", ["roomy", pytest.param("full", marks=pytest.mark.xfail(strict=True, reason=(
-    "product bug (realtime/gateway.py, Connection._release): once the send loop has written the error and the "
-    "Close frame, _Gone ends the task group at once and _release calls probe.abort() (a RST) within ~3 ms; when "
-    "the client's receive window is full those frames are still in the server's kernel send queue and the RST "
-    "discards them, so the client sees close 1006 with no error")))])
+@pytest.mark.parametrize("buffers", ["roomy", "full"])
 async def test_slow_reader_is_told_and_dropped_within_seconds(stub: Server, buffers: str) -> None:
     """A client that stops reading is told (error limit, "slow reader") and closed within 7 s, whether or not the
     socket buffers between it and the server are full. It starts reading again the moment the server decides
