@@ -176,6 +176,7 @@ class Connection:
         self._encoders: dict[int, AudioEncoder] = {}  # per turn being synthesized: a resource, not turn state
         self._closing = False
         self._drain_until = 0.0
+        self._lost_reported = False
         self._send_started: float | None = None  # when the frame being sent was handed to the socket
         self._last_received = time.monotonic()
 
@@ -264,11 +265,16 @@ class Connection:
 
     async def _release(self, failure: BaseException | None) -> None:
         if failure is not None:
-            log.error("session %s: connection failed", self.sid, exc_info=failure)
+            unstored = 0 if self.machine is None or self._lost_reported else self.machine.unstored
+            self._lost_reported = True
+            self.gw.metrics.store_turns_lost.inc(unstored)
+            log.error("session %s: connection failed (%d finished turns not stored)", self.sid, unstored,
+                      exc_info=failure)
             self.gw.metrics.connection_failures.inc()
             self.gw.metrics.errors.labels("internal").inc()
             await self._send_now(Error("internal", "internal server error; reconnect to resume", fatal=True),
                                  self.encoding, CLOSE_INTERNAL)
+        self._report_lost("the connection ended before the store took them")  # e.g. cut off by a shutdown
         if self.session is not None:
             self.gw.metrics.sessions_open.dec()
             try:
@@ -767,10 +773,7 @@ class Connection:
                 else:
                     await self.gw.store.amend_turn(self.session.id, pending.turn)
             except WriteRejected as exc:  # Redis answered no (the session expired, or another writer): final
-                lost = self.machine.unstored
-                self.gw.metrics.store_turns_lost.inc(lost)
-                log.error("session %s: the store refused turn %d (%s): %s; %d turns are not stored",
-                          self.sid, pending.turn.index, exc.reason, exc, lost)
+                self._report_lost(f"the store refused turn {pending.turn.index} ({exc.reason}): {exc}")
                 self._send(Error("internal", f"turn {pending.turn.index} could not be stored ({exc}); this "
                                              "connection stores no more turns: reconnect to resume"))
                 return
@@ -781,10 +784,7 @@ class Connection:
                     log.warning("session %s: turn %d not stored yet, retrying: %s", self.sid, pending.turn.index, exc)
                 self._apply(self.machine.write_failed(pending, str(exc)))
                 if self._closing and time.monotonic() > self._drain_until:
-                    lost = self.machine.unstored
-                    self.gw.metrics.store_turns_lost.inc(lost)
-                    log.error("session %s: %d finished turns (from turn %d on) could not be stored before the "
-                              "connection closed: %s", self.sid, lost, pending.turn.index, exc)
+                    self._report_lost(f"{exc}")
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -794,6 +794,16 @@ class Connection:
             failing, delay = False, 0.1
             self.machine.write_ok(pending)
             pending = None
+
+    def _report_lost(self, why: str) -> None:
+        """Finished turns this connection will not store: counted and logged once, with the session id."""
+        if self._lost_reported or self.machine is None or not self.machine.unstored:
+            return
+        self._lost_reported = True
+        lost = self.machine.unstored
+        self.gw.metrics.store_turns_lost.inc(lost)
+        log.error("session %s: %d finished turns (from turn %d on) are not stored: %s",
+                  self.sid, lost, self.machine.stored, why)
 
     def _voice_refs(self) -> dict[int, VoiceRef]:
         assert self.session is not None
