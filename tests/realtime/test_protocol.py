@@ -7,8 +7,11 @@ import json
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from realtime import protocol as p
+from realtime.protocol import ERROR_CODES, ProtocolError, decode_client, encode
 
 
 def mp(obj: object) -> bytes:
@@ -105,3 +108,39 @@ def test_unknown_fields_are_ignored() -> None:
 def test_deeply_nested_json_is_a_bad_message_not_a_crash() -> None:
     with pytest.raises(p.ProtocolError):
         p.decode_client("[" * 100_000 + "]" * 100_000)
+
+
+# ---- property: the decoder is total (a message, or one ProtocolError), and what it accepts can be sent back
+
+
+_SCALARS = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(max_size=12)
+_VALUES = st.recursive(_SCALARS | st.binary(max_size=8), lambda inner: st.lists(inner, max_size=3)
+                       | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+_TYPES = st.sampled_from(["session.start", "text", "flush", "turn.end", "cancel", "playback", "voice.create",
+                          "session.update", "ping", "nope", ""])
+_FIELDS = st.sampled_from(["session", "speakers", "output", "sampling", "text", "speaker", "turn", "played_ms",
+                           "audio", "voice", "sample_rate", "x"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=64),
+    st.text(max_size=64),
+    st.builds(lambda t, f: {"type": t, **f}, _TYPES, st.dictionaries(_FIELDS, _VALUES, max_size=4)),
+    st.builds(lambda t, f: {"type": t, **f}, _TYPES, st.dictionaries(_FIELDS, st.text(max_size=6).map(
+        lambda s: s + "\ud800"), max_size=2)),
+))
+def test_the_decoder_is_total(frame: object) -> None:
+    if isinstance(frame, dict):
+        try:
+            frame = json.dumps(frame) if "audio" not in frame else msgpack.packb(frame, use_bin_type=True)
+        except (TypeError, ValueError):
+            frame = msgpack.packb(frame, use_bin_type=True, unicode_errors="surrogatepass")
+    try:
+        msg, encoding = decode_client(frame)  # type: ignore[arg-type]
+    except ProtocolError as exc:
+        assert exc.code in ERROR_CODES and exc.message
+        return
+    # accepted input can be encoded and sent back (no lone surrogates, nothing unencodable)
+    wire = encode(msg, encoding)
+    (wire if isinstance(wire, bytes) else wire.encode("utf-8"))
