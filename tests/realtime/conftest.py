@@ -46,8 +46,16 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                self._kill_its_redis()
                 raise AssertionError("shoal serve did not exit after SIGTERM") from None
         return self.proc.returncode
+
+    def _kill_its_redis(self) -> None:
+        """A server killed before it could stop its embedded Redis leaves it running: end it (no leaks)."""
+        try:
+            os.kill(int((self.data_dir / "redis.pid").read_text().strip()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # none, or already gone
 
 
 def start_server(data_dir: Path, *args: str, timeout: float = 30.0) -> Server:

@@ -164,7 +164,7 @@ def test_a_long_data_dir_gets_a_short_socket(tmp_path: Path) -> None:
         assert str(server.socket_path) in (data_dir / "redis.conf").read_text()  # recorded
         assert asyncio.run(_append(server.url, "s", 0)) == 1
         # the short path is a function of the data dir, so a later start finds a running one
-        again = EmbeddedRedis(data_dir)
+        again = EmbeddedRedis(data_dir, supervise=False)  # a second supervisor would restart it after our stop()
         assert again.socket_path == server.socket_path
         assert again.start().adopted
     assert _aof_files(data_dir)  # persistence stays in the data dir
