@@ -679,6 +679,8 @@ class Connection:
                     error = None
                     if isinstance(exc, EngineError):
                         error = str(exc)
+                        log.warning("session %s: turn %d segment %d: engine failed: %s", self.sid, job.turn,
+                                    job.segment, exc)
                     elif exc is not None:
                         log.error("session %s: turn %d segment %d failed", self.sid, job.turn, job.segment, exc_info=exc)
                         error = f"internal error ({type(exc).__name__}); the turn ends here"
