@@ -18,9 +18,10 @@ What is measured (``s2pro`` preset: random weights, real shapes, bfloat16; the d
 - decode: frames/s per stream at concurrency 1, 8, 32 through the graphed decoder, and the aggregate; eager at
   concurrency 1 beside it (what the graphs buy).
 - prefill: slow-AR tokens/s over one prompt.
-- TTFA: 16 conversations at once through the batching scheduler with its prefix cache (the server's engine), turn 1
-  (a voice reference and text, nothing cached) and turn 5 (four turns of history cached): submit to first frame,
-  plus the codec's decode of a first chunk (2 frames), p50 and max.
+- TTFA: 16 conversations at once through the batching scheduler with its prefix cache (the server's engine; its
+  decode step as CUDA graphs on a GPU, the report says which), turn 1 (a voice reference and text, nothing cached)
+  and turn 5 (four turns of history cached): submit to first frame, plus the codec's decode of a first chunk
+  (2 frames), p50 and max.
 - RTF at concurrency 1: graphed decode of a turn plus its streaming codec decode, over the audio's duration.
 - codec: streaming decode cost per chunk size (1, 2, 4, 8 frames) and its real-time factor.
 """
@@ -337,7 +338,8 @@ def bench_rtf(model: Any, codec: Any, plan: Plan, log: Callable[[str], None]) ->
 
 
 def bench_ttfa(model: Any, codec_first_chunk_ms: float, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
-    """16 conversations at once through the batching scheduler (eager, prefix cache on), turns 1..5."""
+    """16 conversations at once through the batching scheduler (prefix cache on; its decode step graphed on CUDA,
+    captured before turn 1), turns 1..5."""
     import numpy as np
     import torch
 
@@ -346,9 +348,12 @@ def bench_ttfa(model: Any, codec_first_chunk_ms: float, plan: Plan, log: Callabl
 
     prompts = _prompts(model)
     c = model.config
+    model.setup_caches(plan.sessions, plan.max_seq_len)  # before the scheduler: its graphs are captured over these
     scheduler = Scheduler(model, SchedulerConfig(max_batch_size=plan.sessions, output_frames=1 << 16,
                                                  prefix_cache_bytes=8 << 30))
-    model.setup_caches(plan.sessions, plan.max_seq_len)
+    decode = (f"CUDA graphs (padded batch sizes {', '.join(map(str, scheduler.decoder.sizes))})"
+              if scheduler.graphed and scheduler.decoder is not None else "eager")
+    log(f"TTFA: the scheduler's decode step is {decode}")
     rng = np.random.default_rng(0)
     voices = []
     for _ in range(plan.sessions):
@@ -385,7 +390,7 @@ def bench_ttfa(model: Any, codec_first_chunk_ms: float, plan: Plan, log: Callabl
             f"max {turns[turn]['max_ms']:.1f} ms (first frame + codec first chunk {codec_first_chunk_ms:.1f} ms)")
     return {"sessions": plan.sessions, "turns": turns, "codec_first_chunk_ms": codec_first_chunk_ms,
             "prefill_chunk": scheduler.config.prefill_chunk, "prefix_cache_bytes": scheduler.config.prefix_cache_bytes,
-            "decode": "eager (the scheduler's step; the graphed decoder is measured in decode)"}
+            "decode": decode, "graphed": scheduler.graphed}
 
 
 def bench_sglang(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
@@ -421,7 +426,7 @@ def run_tests(out: Path, dry_run: bool, log: Callable[[str], None]) -> dict[str,
     except ImportError:
         return {"skipped": "pytest is not importable; the equality checks above ran without it"}
     root = Path(__file__).resolve().parents[1]
-    files = ["tests/engine/dualar/test_cuda_graphs.py"]
+    files = ["tests/engine/dualar/test_cuda_graphs.py", "tests/engine/dualar/test_scheduler_graphs.py"]
     notes = []
     try:
         import pytest_asyncio  # noqa: F401
@@ -492,6 +497,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"prefill: {pre['tokens_per_s']:.0f} tokens/s ({pre['tokens']} tokens in {pre['ms']:.1f} ms)")
     ttfa = r["sections"].get("ttfa", {}).get("result")
     if ttfa:
+        lines.append(f"TTFA scheduler decode step: {ttfa.get('decode', 'eager')}")
         for turn in (1, max(ttfa["turns"])):
             t = ttfa["turns"][turn]
             lines.append(f"TTFA turn {turn} ({ttfa['sessions']} at once, {100 * t['cached_fraction']:.0f}% cached): "

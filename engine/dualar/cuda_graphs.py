@@ -24,6 +24,12 @@ sampling first redraws (that redraw is random in both, from different random num
 
 Without CUDA (or ``use_graphs=False``) :meth:`GraphedDecoder.step` runs the very same :func:`decode_frame` eagerly,
 so the CPU tests check the function that the GPU captures.
+
+The batching scheduler (``scheduler.py``) drives a decoder over its own slots (slot = row): it :meth:`configures
+<GraphedDecoder.configure>` a row on admission, prefills chunks itself, and before each :meth:`~GraphedDecoder.step`
+sets every row's position and activity from the host and puts a new prompt's last column in its row, so first
+frames come out of the same replay as the others. Graphs are dropped and captured again if ``setup_caches``
+reallocates the caches they write into.
 """
 
 from __future__ import annotations
@@ -183,6 +189,8 @@ class GraphedDecoder:
         self.state = DecodeState.empty(model.max_batch_size, 1 + c.num_codebooks, self.scratch, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}
+        self._pool: tuple[int, int] | None = None
+        self._captured_for = _cache_ids(model)
 
     # ---- streams
 
@@ -195,12 +203,17 @@ class GraphedDecoder:
             raise ValueError(f"prompt must have shape ({1 + c.num_codebooks}, T), got {tuple(prompt.shape)}")
         if not 0 < prompt.shape[1] < self.scratch:
             raise ValueError(f"prompt length {prompt.shape[1]} must be within [1, {self.scratch - 1}]")
+        self.configure(row, sampling, seed=sampling.seed or 0, allow_end=allow_end)
+        self.state.active[row] = True
+        return first_frame(self.model, self.tables, self.state, row, prompt.to(self.device)).clone()
+
+    def configure(self, row: int, sampling: Sampling, *, seed: int, allow_end: bool = True) -> None:
+        """A new stream's settings in row ``row``: sampling, seed, frame counter 0, empty RAS window (not active)."""
         s = self.state
         s.temperature[row], s.top_p[row], s.top_k[row] = sampling.temperature, sampling.top_p, sampling.top_k
-        s.seed[row] = (sampling.seed or 0) % (1 << 62)
-        s.step[row], s.allow_end[row], s.active[row] = 0, allow_end, True
+        s.seed[row] = seed % (1 << 62)
+        s.step[row], s.allow_end[row] = 0, allow_end
         s.window[row] = -1
-        return first_frame(self.model, self.tables, s, row, prompt.to(self.device)).clone()
 
     def stop(self, row: int) -> None:
         self.state.active[row] = False
@@ -214,6 +227,7 @@ class GraphedDecoder:
     def step(self, n: int) -> Tensor:
         size = bucket(n, self.sizes)
         if self.use_graphs:
+            self._drop_stale()
             if size not in self.graphs:
                 self.capture([size])
             self.graphs[size].replay()
@@ -228,11 +242,12 @@ class GraphedDecoder:
         as it was (warm-up runs write only at the scratch position of inactive rows, and advance nothing)."""
         if not self.use_graphs:
             return
+        self._drop_stale()
         saved = {name: getattr(self.state, name).clone() for name in vars(self.state)}
         active, pos = self.state.active.clone(), self.state.pos.clone()
         self.state.active.zero_()
         self.state.pos.fill_(self.scratch)
-        pool = getattr(self, "_pool", None) or torch.cuda.graph_pool_handle()
+        pool = self._pool or torch.cuda.graph_pool_handle()
         self._pool = pool
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -249,3 +264,18 @@ class GraphedDecoder:
             getattr(self.state, name).copy_(value)
         self.state.active.copy_(active)
         self.state.pos.copy_(pos)
+
+    def _drop_stale(self) -> None:
+        """Forget the graphs if the model's caches were reallocated since (a bigger ``setup_caches``): a graph replays
+        into the very buffers it was captured over."""
+        if _cache_ids(self.model) != self._captured_for:
+            self.graphs.clear()
+            self.outputs.clear()
+            self._pool = None
+            self._captured_for = _cache_ids(self.model)
+
+
+def _cache_ids(model: DualAR) -> tuple[int, ...]:
+    # where the slow and fast KV caches live (their first layer's keys)
+    caches = [layer.attention.kv_cache for stack in (model.slow, model.fast) for layer in stack._blocks()[:1]]
+    return tuple(c.k_cache.data_ptr() if c is not None else 0 for c in caches)

@@ -24,6 +24,23 @@ join and leave between steps. One step is schedule, run, postprocess:
 
 Frames are the (C,) int64 codes of each frame, on the CPU, taken from the buffer by the consumer; ``on_output`` is
 called (on the model thread, outside the lock) whenever a sequence has new frames or has finished.
+
+CUDA graphs. With the model on CUDA (and ``cuda_graphs``, the default) the run phase goes through a
+:class:`~engine.dualar.cuda_graphs.GraphedDecoder` over the scheduler's own slots: cache row = slot, each slot's
+sampling settings, seed, frame counter, RAS window and last frame in its static buffers, the step captured once per
+padded batch size at construction. A step then prefills its chunks eagerly as above, but stops each prompt one
+position short: that last position is fed through the graph, in the same replay as the decode batch, so first
+frames and later frames come from one captured function (:func:`~engine.dualar.cuda_graphs.decode_frame`). The
+replay covers slots ``0..bucket(max decoding slot + 1) - 1``; the other slots in that range (paused, prefilling,
+free) are padding rows: inactive, they write at the cache's last position and change nothing (no running sequence
+has a key there: a sequence that reaches it finishes in the same step). Sampling in the graph is the counter-based
+draw of ``engine.sglang.sampling`` (seed + frame index, no ``torch.Generator``): still per request, a seeded
+sequence gets the same frames whatever runs beside it, but from other random numbers than the eager path; its seed
+is ``sampling.seed``, else the generator's ``initial_seed()``, else a random one. Greedy settings give the eager
+path's codes up to rounding (``top_k=1`` throughout; plain temperature 0 until repetition-aware sampling first
+redraws, which is random in both). ``trace`` is not recorded there (the graph does not keep the full logits). If
+capture fails, a warning is logged and the step is the eager one. Without CUDA, or with ``cuda_graphs=False``, the
+step is the eager one above, unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ from __future__ import annotations
 import enum
 import heapq
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -42,6 +60,7 @@ import torch
 from torch import Tensor
 
 from engine.base import Sampling
+from engine.dualar.cuda_graphs import GraphedDecoder, bucket
 from engine.dualar.generate import Frame, sample_frame
 from engine.dualar.model import DualAR, Slots
 from engine.dualar.prefix_cache import Node, PrefixCache, RadixCache
@@ -59,6 +78,7 @@ class SchedulerConfig:
     output_frames: int = 16  # frames a sequence may hold untaken; beyond that it is paused
     prefix_cache: bool = True
     prefix_cache_bytes: int = 1 << 30
+    cuda_graphs: bool = True  # decode through CUDA graphs when the model is on CUDA (ignored elsewhere)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_size <= 1024:
@@ -131,7 +151,17 @@ class StepResult(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, model: DualAR, config: SchedulerConfig | None = None, *, cache: PrefixCache | None = None):
+    """``decoder``: the static step to run (tests; default: a captured one on CUDA when ``cuda_graphs``, else none,
+    the eager step). A :class:`GraphedDecoder` with ``use_graphs=False`` runs the graphed path's function eagerly."""
+
+    def __init__(
+        self,
+        model: DualAR,
+        config: SchedulerConfig | None = None,
+        *,
+        cache: PrefixCache | None = None,
+        decoder: GraphedDecoder | None = None,
+    ):
         self.model, self.config = model, config or SchedulerConfig()
         cfg, mc = self.config, model.config
         if model.max_batch_size < cfg.max_batch_size or model.slow.cache_len == 0:
@@ -147,6 +177,17 @@ class Scheduler:
         self._free = list(range(cfg.max_batch_size))
         self._cond = threading.Condition()
         self.frames_total = self.steps_total = self.prefilled_total = 0
+        if decoder is None and cfg.cuda_graphs and self.device.type == "cuda":
+            decoder = _captured_decoder(model, cfg.max_batch_size, self.cache_len)
+        if decoder is not None and (decoder.model is not model or decoder.max_batch < cfg.max_batch_size
+                                    or decoder.cache_len < self.cache_len):
+            raise ValueError("the decoder must be built on this model with max_batch >= max_batch_size and its cache")
+        self.decoder = decoder
+
+    @property
+    def graphed(self) -> bool:
+        """Whether the decode step replays CUDA graphs."""
+        return self.decoder is not None and self.decoder.use_graphs
 
     # ---- any thread
 
@@ -268,6 +309,8 @@ class Scheduler:
                 end = min(seq.prompt_len, seq.computed + budget)
                 prefill.append((seq, seq.computed, end))
                 budget -= end - seq.computed
+        if self.decoder is not None:
+            return self._run_static(self.decoder, decode, prefill, finished)
 
         # run
         rows, hidden = list(decode), []
@@ -296,6 +339,33 @@ class Scheduler:
         self.steps_total += 1
         return StepResult(sum(e - s for _, s, e in prefill), len(decode), made, finished)
 
+    def _run_static(
+        self, decoder: GraphedDecoder, decode: list[Sequence], prefill: list[tuple[Sequence, int, int]], finished: int
+    ) -> StepResult:
+        """Run and postprocess the scheduled step through ``decoder``: chunks prefilled eagerly up to each prompt's
+        last position, then one replay for every row that makes a frame (``decode``, and prompts now complete)."""
+        first: list[Sequence] = []
+        for seq, start, end in prefill:
+            stop = min(end, seq.prompt_len - 1)  # the last position goes through the graph, with the decode batch
+            if stop > start:
+                chunk = seq.prompt[None, :, start:stop].to(self.device)  # (1, 1 + C, n)
+                positions = torch.arange(start, stop, device=self.device)[None]
+                self.model.slow(chunk, positions, slice(seq.slot, seq.slot + 1), stop)
+                seq.computed = stop
+            self.prefilled_total += end - start
+            if end == seq.prompt_len:
+                first.append(seq)
+        rows = sorted(decode + first, key=lambda s: s.slot)
+        made = 0
+        if rows:
+            columns = _static_step(decoder, rows, first)  # (len(rows), 1 + C) on the CPU
+            for seq in rows:
+                seq.computed += 1
+            made = len(rows)
+            finished += self._postprocess(rows, columns)
+        self.steps_total += 1
+        return StepResult(sum(e - s for _, s, e in prefill), len(decode), made, finished)
+
     # ---- helpers (model thread)
 
     def _has_work(self) -> bool:
@@ -316,6 +386,8 @@ class Scheduler:
                 self.model.slow.write_kv(seq.slot, position, values)
                 position += values.shape[3]
             seq.computed = seq.reused = match.length
+        if self.decoder is not None:
+            self.decoder.configure(seq.slot, seq.sampling, seed=_seed(seq))
         self.running.append(seq)
 
     def _slots(self, rows: list[Sequence]) -> Slots:
@@ -337,15 +409,19 @@ class Scheduler:
             window=torch.stack(windows),
         )
 
-    def _postprocess(self, rows: list[Sequence], columns: Tensor, windows: Tensor, frame: Frame) -> int:
+    def _postprocess(
+        self, rows: list[Sequence], columns: Tensor, windows: Tensor | None = None, frame: Frame | None = None
+    ) -> int:
+        # columns: (B, 1 + C) on the CPU; windows and frame from the eager step (the graphed one keeps them on its side)
         im_end, finished = self.model.config.im_end_id, 0
         ended: list[tuple[Sequence, FinishReason]] = []
         notify: list[Sequence] = []
         now = time.perf_counter()
         with self._cond:
             for i, seq in enumerate(rows):
-                seq.window = windows[i]
-                if seq.trace:
+                if windows is not None:
+                    seq.window = windows[i]
+                if seq.trace and frame is not None:
                     seq.traces.append(FrameTrace(frame.logits[i].cpu(), frame.hidden[i].cpu()))
                 column = columns[i]
                 if seq.first_frame_at is None:
@@ -391,6 +467,46 @@ class Scheduler:
         if fed <= 0:
             return seq.prompt[:, : seq.computed]
         return torch.cat([seq.prompt, torch.stack(seq.columns[:fed], dim=1)], dim=1)
+
+
+def _captured_decoder(model: DualAR, slots: int, cache_len: int) -> GraphedDecoder | None:
+    """A decoder over ``slots`` cache rows with the step captured at every padded size; None (eager, with a
+    warning) if capture fails, so a GPU the graphs do not work on still serves."""
+    try:
+        decoder = GraphedDecoder(model, max_batch=slots, max_seq_len=cache_len)
+        decoder.capture()
+    except Exception:
+        log.warning("CUDA graph capture of the decode step failed; the scheduler decodes eagerly", exc_info=True)
+        return None
+    return decoder
+
+
+def _static_step(decoder: GraphedDecoder, rows: list[Sequence], first: list[Sequence]) -> Tensor:
+    """One replay for ``rows`` (their slots, any order): (len(rows), 1 + C) new frame columns on the CPU. Each row
+    feeds its slot's last column at position ``computed``; ``first`` rows (no frame yet) feed their prompt's last
+    column, put in their slot first. Slots up to the padded size that are not in ``rows`` are inactive."""
+    state, device = decoder.state, decoder.device
+    slots = [s.slot for s in rows]
+    n = max(slots) + 1
+    size = bucket(n, decoder.sizes)
+    pos = torch.full((size,), decoder.scratch, dtype=torch.long)  # (size,): inactive rows write at the scratch position
+    active = torch.zeros(size, dtype=torch.bool)  # (size,)
+    pos[slots], active[slots] = torch.tensor([s.computed for s in rows]), True
+    state.pos[:size].copy_(pos)
+    state.active[:size].copy_(active)
+    if first:
+        index = torch.tensor([s.slot for s in first], device=device)
+        state.column[index] = torch.stack([s.prompt[:, -1] for s in first]).to(device)
+    return decoder.step(n).cpu()[slots]
+
+
+def _seed(seq: Sequence) -> int:
+    """The counter-based draw's seed: the request's, else its generator's, else a random one."""
+    if seq.sampling.seed is not None:
+        return seq.sampling.seed
+    if seq.generator is not None:
+        return seq.generator.initial_seed()
+    return secrets.randbits(62)
 
 
 def _notify(seq: Sequence) -> None:

@@ -58,6 +58,7 @@ class DualARConfig:
     prefix_cache_mb: int = 1024  # memory bound of the prefix cache
     context_budget: int | None = None  # history positions kept in a prompt; default max_seq_len // 2
     decode_threads: int = 2  # codec decode pool, shared by all streams
+    cuda_graphs: bool = True  # on CUDA: the scheduler's decode step as captured CUDA graphs (scheduler.py)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -149,6 +150,7 @@ class DualARSynthesizer:
                 output_frames=cfg.max_chunk_frames * cfg.queue_chunks,
                 prefix_cache=cfg.prefix_cache,
                 prefix_cache_bytes=cfg.prefix_cache_mb << 20,
+                cuda_graphs=cfg.cuda_graphs,
             ),
         )
         self._model, self._codec = model, codec
