@@ -42,6 +42,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="S2 Pro context (KV cache) length in positions (default 4096)")
     g.add_argument("--prefix-cache", choices=("on", "off"), default="on",
                    help="S2 Pro: keep each conversation's prompt prefix cached between turns (default on)")
+    g.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                   help="S2 Pro torch backend on CUDA: replay the decode step as captured CUDA graphs (default on; "
+                        "off decodes eagerly; no effect on the CPU)")
     g.add_argument("--backend", choices=("torch", "sglang"), default="torch",
                    help="S2 Pro backend: torch (CPU or GPU) or sglang (GPU only; pip install '.[sglang]')")
     g.add_argument("--stub-ttft-ms", type=_bounded(float, 0, 60_000, "--stub-ttft-ms"), default=20.0,
@@ -63,7 +66,8 @@ def _engine_name(args: argparse.Namespace) -> str:
 def _engine_argv(args: argparse.Namespace) -> tuple[str, ...]:
     """The engine options again, as a command line for ``shoal worker`` (workers get config only this way)."""
     argv = ["--engine", _engine_name(args), "--device", args.device, "--max-seq-len", str(args.max_seq_len),
-            "--prefix-cache", args.prefix_cache, "--stub-ttft-ms", repr(args.stub_ttft_ms),
+            "--prefix-cache", args.prefix_cache, "--cuda-graphs", args.cuda_graphs,
+            "--stub-ttft-ms", repr(args.stub_ttft_ms),
             "--stub-frame-ms", repr(args.stub_frame_ms), "--backend", args.backend]
     if args.model:
         argv += ["--model", args.model]
@@ -111,6 +115,7 @@ def _load_s2pro(args: argparse.Namespace) -> Synthesizer:
     extra: dict[str, object] = {}
     if "prefix_cache" in {f.name for f in dataclasses.fields(DualARConfig)}:
         extra["prefix_cache"] = args.prefix_cache == "on"
+    extra["cuda_graphs"] = args.cuda_graphs == "on"
     try:
         engine = DualARSynthesizer(
             DualARConfig(
