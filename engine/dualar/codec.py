@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soxr
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -703,6 +702,8 @@ class Codec:
             raise ValueError(f"audio must be float or int16, got {array.dtype}")
         array = np.ascontiguousarray(array, dtype=np.float32)
         if sample_rate != self.sample_rate and array.size:
+            import soxr  # only for encoding audio at another rate: the GPU check's image has no soxr, and needs none
+
             array = np.ascontiguousarray(soxr.resample(array, sample_rate, self.sample_rate), dtype=np.float32)
         if array.size == 0:
             return np.zeros((self.n_codebooks, 0), dtype=np.int16)
