@@ -2,6 +2,7 @@
 
     shoal loadtest --url ws://127.0.0.1:8000/v1/realtime --sessions 100 --duration 30 --out DIR
     shoal loadtest --serve stub --stub-ttft-ms 0 --sessions 100 --duration 30 --out DIR
+    shoal loadtest --serve stub --sessions 50 --contexts 2 --out DIR     # two characters talking at once per session
     shoal loadtest sweep --serve stub --start 100 --step 100 --max-sessions 800 --out DIR
     shoal loadtest report --out DIR          # recompute summary.json and the report from DIR/raw
 
@@ -63,7 +64,12 @@ def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
     load.add_argument("--sentences", type=_range(int), default=(1, 3), help="sentences per turn, N or N-M (default 1-3)")
     load.add_argument("--think", type=_range(float), default=(0.3, 1.0), help="pause between turns in s (default 0.3-1.0)")
     load.add_argument("--barge-in", type=float, default=0.0, help="share of turns interrupted (default 0)")
-    load.add_argument("--speaker-change", type=float, default=0.2, help="share of turns that change speaker (default 0.2)")
+    load.add_argument("--speaker-change", type=float, default=0.2,
+                      help="share of turns that change speaker (default 0.2; one context only)")
+    load.add_argument("--contexts", type=int, default=1, metavar="N",
+                      help="concurrent contexts per session (ids c0..cN-1), each with its own speaker, turns, player "
+                           "and barge-ins, first turns sent together (default 1: no `context` on the wire; the "
+                           "server allows 8 by default)")
     load.add_argument("--codec", choices=("opus", "pcm16", "mulaw"), default="opus")
     load.add_argument("--sample-rate", type=int, default=48000)
     load.add_argument("--frame-ms", type=int, default=20)
@@ -103,6 +109,7 @@ def _config(args: argparse.Namespace, url: str) -> SwarmConfig:
         think_s=args.think,
         barge_in=args.barge_in,
         speaker_change=args.speaker_change,
+        contexts=args.contexts,
         codec=args.codec,
         sample_rate=args.sample_rate,
         frame_ms=args.frame_ms,
@@ -123,6 +130,14 @@ def _print_summary(s: dict[str, Any], out_dir: Path) -> None:
     print(f"floor ms       {d(s['floor_ms'])}")
     print(f"overhead ms    p50 {s['overhead_ms']['p50']} p90 {s['overhead_ms']['p90']} p99 {s['overhead_ms']['p99']}")
     print(f"gap ms         {d(s['gap_ms'])}")
+    ctx = s.get("contexts") or {}
+    if ctx.get("per_session", 1) > 1:
+        first = ctx["first_round"]["later_over_first"]
+        ratio = "–" if first["p50"] is None else f"p50 {first['p50']:.2f} max {first['max']:.2f}"
+        print(f"contexts       {ctx['per_session']} per session: TTFA alone {d(ctx['ttfa_ms_alone'])}; "
+              f"with others in flight {d(ctx['ttfa_ms_with_others'])}")
+        print(f"               first round, later context's TTFA / first's: {ratio}; interleaved turns "
+              f"{ctx['interleaved_turns']}; streams peak {s['streams_peak']} ({ctx['streams_peak_in_session']} in one session)")
     print(f"underruns      {s['underruns']} ({s['underrun_ms']:.1f} ms), errors {s['errors']} {s['errors_by_code'] or ''}")
     print(f"server CPU %   mean {cpu['server']['mean']} (+children {cpu['server_children']['mean']}), "
           f"per stream {cpu['server_per_stream']}; client {cpu['client']['mean']}"
@@ -176,7 +191,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
                 args.max_underruns, args.refine, progress=progress, quiet_wait_s=args.wait_quiet,
                 busy_retries=2 if args.wait_quiet > 0 else 0,
             )
-            print(f"capacity: {result['capacity']} sessions (TTFA p99 <= {args.ttfa_p99_ms} ms, underruns <= "
+            per = f" x {config.contexts} contexts" if config.contexts > 1 else ""
+            print(f"capacity: {result['capacity']} sessions{per} (TTFA p99 <= {args.ttfa_p99_ms} ms, underruns <= "
                   f"{args.max_underruns}){' - limited by the client' if result['limited_by_client'] else ''}")
             print(f"report: {out_dir / 'report.html'}")
             return 0 if all(st["sane"] for st in result["steps"]) else 1

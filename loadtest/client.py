@@ -5,22 +5,31 @@ Two tasks per session: the *speaker* sends each turn's tokens at the configured 
 records it and feeds the turn's :class:`~loadtest.player.Player`. A third, short-lived task barges in when the
 plan says so (``cancel`` once enough audio was heard, then ``playback`` with what was heard). Every wait is
 bounded by a timeout and the whole session by the run's hard deadline.
+
+With ``contexts`` > 1 the session runs one speaker task per context, all at once (their first turns are sent
+together): each context sends its own turns with ``context`` on ``text`` / ``turn.end`` / ``cancel`` /
+``playback``, has its own player per turn and its own barge-ins. The reader routes the server's messages by
+turn index (bound to a context by its ``turn.started``). A turn's session-wide index ``k`` is allocated when its
+first ``text`` goes out, under a lock, so the server (which numbers turns in the order their first text arrives)
+gives it the same index; the statistics step checks that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from loadtest.config import SwarmConfig
 from loadtest.player import Player
 from loadtest.record import Recorder
-from loadtest.script import TurnPlan, turn_plan
+from loadtest.script import TurnPlan, session_speakers, turn_plan
 from realtime.protocol import (
     Cancel,
     ClientMessage,
@@ -34,7 +43,19 @@ from realtime.protocol import (
     TurnEnd,
     decode_server,
     encode,
+    to_wire,
 )
+
+
+def frame(msg: ClientMessage, context: str | None = None) -> bytes:
+    """One binary frame; ``context`` (when given) is added to the map. Without it: exactly ``encode``'s bytes."""
+    if context is None:
+        data = encode(msg, Encoding.MSGPACK)
+        assert isinstance(data, bytes)
+        return data
+    wire = to_wire(msg)
+    wire["context"] = context
+    return msgpack.packb(wire, use_bin_type=True)
 
 
 @dataclass
@@ -54,6 +75,7 @@ class Live:
 class _TurnState:
     plan: TurnPlan
     player: Player
+    k: int | None = None  # the session-wide turn index, allocated when its first text is sent
     server_turn: int | None = None
     first_audio: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -71,8 +93,11 @@ class SimSession:
         self.frame_ms = float(config.frame_ms)
         self.ready = asyncio.Event()
         self.closed = asyncio.Event()
-        self.turn: _TurnState | None = None
-        self._pong: asyncio.Future[None] | None = None
+        self.current: dict[str | None, _TurnState] = {}  # context -> its turn now
+        self.by_turn: dict[int, _TurnState] = {}  # server turn index -> turn, from turn.started to turn.done
+        self._pongs: deque[asyncio.Future[None]] = deque()  # pings in flight, oldest first (answered in order)
+        self._first_send = asyncio.Lock()  # a turn's index and its first text go out together
+        self._next_k = 0
 
     # ------------------------------------------------------------------ entry
 
@@ -124,10 +149,10 @@ class SimSession:
 
     # ------------------------------------------------------------------ speaker
 
-    async def _send(self, msg: ClientMessage) -> bool:
+    async def _send(self, msg: ClientMessage, context: str | None = None) -> bool:
         assert self.ws is not None
         try:
-            await self.ws.send(encode(msg, Encoding.MSGPACK))
+            await self.ws.send(frame(msg, context))
         except ConnectionClosed:
             return False
         return True
@@ -145,7 +170,7 @@ class SimSession:
     async def _converse(self) -> str:
         config = self.config
         start = SessionStart(
-            speakers=(SpeakerSpec(0), SpeakerSpec(1)),
+            speakers=tuple(SpeakerSpec(i) for i in range(session_speakers(config))),
             output=config.output(),
             sampling={"seed": config.seed + self.sid},
         )
@@ -153,30 +178,56 @@ class SimSession:
             if not self.closed.is_set():
                 self._error("timeout", "no session.ready")
             return "error"
+        if config.contexts == 1:
+            why = await self._context(0)
+        else:
+            why = await self._contexts()
+        if why is not None:
+            return why
+        return "done" if not self.closed.is_set() else "closed"
+
+    async def _contexts(self) -> str | None:
+        """All contexts at once; the first that must end the session ends the others."""
+        tasks = [asyncio.create_task(self._context(c), name=f"session-{self.sid}-c{c}") for c in range(self.config.contexts)]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                why = await next_done
+                if why is not None:
+                    return why
+            return None
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _context(self, c: int) -> str | None:
+        """One context's conversation. Returns why the session must end, or None when its time is over."""
+        config = self.config
         max_turns = config.turns or 10_000
         for k in range(max_turns):
             if self.rec.now() >= config.duration_s or self.closed.is_set():
                 break
             if config.ping_per_turn and not await self._ping():
                 return "error" if self.closed.is_set() else "timeout"
-            why = await self._turn(turn_plan(config, self.sid, k))
+            why = await self._turn(turn_plan(config, self.sid, k, c))
             if why is not None:
                 return why
-        return "done" if not self.closed.is_set() else "closed"
+        return None
 
     async def _ping(self) -> bool:
-        loop = asyncio.get_running_loop()
-        self._pong = loop.create_future()
+        pong: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs.append(pong)
         sent = self.rec.now()
         if not await self._send(Ping()):
             return False
         try:
-            await asyncio.wait_for(asyncio.shield(self._pong), self.config.connect_timeout_s)
+            await asyncio.wait_for(asyncio.shield(pong), self.config.connect_timeout_s)
         except TimeoutError:
             self._error("timeout", "no pong")
             return False
         finally:
-            self._pong = None
+            with contextlib.suppress(ValueError):
+                self._pongs.remove(pong)
         self.rec.event("ping", self.rec.now(), self.sid, round((self.rec.now() - sent) * 1000.0, 3))
         return True
 
@@ -184,9 +235,9 @@ class SimSession:
         """Speak one turn and listen to it. Returns why the session must end, or None to go on."""
         config, rec = self.config, self.rec
         state = _TurnState(plan, Player(config.prebuffer_ms))
-        self.turn = state
-        rec.event("turn", rec.now(), self.sid, plan.index, plan.speaker, plan.text, plan.barge_after_ms)
-        barge = asyncio.create_task(self._barge(state)) if plan.barge_after_ms is not None else None
+        ctx = plan.context
+        self.current[ctx] = state
+        barge = None
         try:
             t_start = rec.now()
             chars = 0
@@ -197,16 +248,32 @@ class SimSession:
                 if state.cancelled or self.closed.is_set():
                     break
                 chars += len(token)
-                rec.event("send", rec.now(), self.sid, plan.index, "text", chars)  # recorded first: causes precede effects
-                if not await self._send(Text(text=token, speaker=speaker)):
+                if state.k is None:  # the turn begins: its index and its first text go out in this order
+                    async with self._first_send:
+                        if self.closed.is_set():
+                            break
+                        state.k = k = self._next_k
+                        self._next_k += 1
+                        rec.event("turn", rec.now(), self.sid, k, plan.speaker, plan.text, plan.barge_after_ms, ctx)
+                        if plan.barge_after_ms is not None:
+                            barge = asyncio.create_task(self._barge(state))
+                        rec.event("send", rec.now(), self.sid, k, "text", chars)  # recorded first: causes precede effects
+                        if not await self._send(Text(text=token, speaker=speaker), ctx):
+                            break
+                    continue
+                rec.event("send", rec.now(), self.sid, state.k, "text", chars)
+                if not await self._send(Text(text=token, speaker=speaker), ctx):
                     break
+            if state.k is None:  # nothing was sent
+                return "closed" if self.closed.is_set() else None
             if not state.cancelled and not self.closed.is_set():
-                rec.event("send", rec.now(), self.sid, plan.index, "turn.end", chars)
-                await self._send(TurnEnd())
+                rec.event("send", rec.now(), self.sid, state.k, "turn.end", chars)
+                await self._send(TurnEnd(), ctx)
             if not await self._wait(state.done, config.turn_timeout_s):
                 if self.closed.is_set():
                     return "closed"
-                self._error("timeout", f"turn {plan.index}: no turn.done within {config.turn_timeout_s:g} s")
+                where = "" if ctx is None else f" (context {ctx})"
+                self._error("timeout", f"turn {state.k}{where}: no turn.done within {config.turn_timeout_s:g} s")
                 return "timeout"
         finally:
             if barge is not None:
@@ -241,11 +308,12 @@ class SimSession:
         state.cancelled = True
         now = self.rec.now()
         heard = state.player.stop(now)
-        self.rec.event("send", now, self.sid, state.plan.index, "cancel", 0)  # in the same step as stop()
-        if not await self._send(Cancel()) or state.server_turn is None:
+        ctx = state.plan.context
+        self.rec.event("send", now, self.sid, state.k, "cancel", 0)  # in the same step as stop()
+        if not await self._send(Cancel(), ctx) or state.server_turn is None:
             return
-        self.rec.event("send", self.rec.now(), self.sid, state.plan.index, "playback", 0)
-        await self._send(Playback(turn=state.server_turn, played_ms=round(heard, 3)))
+        self.rec.event("send", self.rec.now(), self.sid, state.k, "playback", 0)
+        await self._send(Playback(turn=state.server_turn, played_ms=round(heard, 3)), ctx)
 
     # ------------------------------------------------------------------ reader
 
@@ -264,41 +332,44 @@ class SimSession:
             pass
         finally:
             self.closed.set()
-            state = self.turn
-            if state is not None:
+            for state in self.current.values():
                 state.done.set()
 
     def _on_message(self, now: float, msg: dict[str, Any]) -> None:
         rec, sid = self.rec, self.sid
         mtype = msg.get("type")
-        state = self.turn
         if mtype == "audio":
             turn = msg["turn"]
-            rec.event("a", now, sid, turn, msg["seq"], msg["ms"], len(msg["data"]))
-            if state is not None and state.server_turn == turn:
+            rec.event("a", now, sid, turn, msg["seq"], msg["ms"], len(msg["data"]), msg.get("context"))
+            state = self.by_turn.get(turn)
+            if state is not None:
                 state.player.push(now, self.frame_ms)
                 if not state.first_audio.is_set():
                     state.first_audio.set()
         elif mtype == "segment":
-            rec.event("seg", now, sid, msg["turn"], msg["ms"], msg["text"])
+            rec.event("seg", now, sid, msg["turn"], msg["ms"], msg["text"], msg.get("context"))
         elif mtype == "turn.started":
-            rec.event("ts", now, sid, msg["turn"], msg["speaker"])
-            if state is not None and state.server_turn is None:
+            ctx = msg.get("context")
+            rec.event("ts", now, sid, msg["turn"], msg["speaker"], ctx)
+            state = self.current.get(ctx)
+            if state is not None and state.server_turn is None and state.k is not None:
                 state.server_turn = msg["turn"]
+                self.by_turn[msg["turn"]] = state
         elif mtype == "turn.done":
             underruns, underrun_ms = 0, 0.0
-            if state is not None and state.server_turn == msg["turn"]:
+            state = self.by_turn.pop(msg["turn"], None)
+            if state is not None:
                 underruns, underrun_ms = state.player.underruns, state.player.underrun_ms
             rec.event(
                 "done", now, sid, msg["turn"], msg["reason"], msg["audio_ms"], msg["frames"], msg.get("ttfa_ms"),
-                underruns, round(underrun_ms, 3),
+                underruns, round(underrun_ms, 3), msg.get("context"),
             )
             self.live.turns += 1
             self.live.audio_ms += float(msg["audio_ms"])
             self.live.underruns += underruns
             if msg.get("ttfa_ms") is not None:
                 self.live.ttfa_ms.append(float(msg["ttfa_ms"]))
-            if state is not None and state.server_turn == msg["turn"]:
+            if state is not None:
                 state.done.set()
         elif mtype == "session.ready":
             output = msg.get("output") or {}
@@ -306,8 +377,11 @@ class SimSession:
             rec.event("ready", now, sid, self.frame_ms, output.get("codec"))
             self.ready.set()
         elif mtype == "pong":
-            if self._pong is not None and not self._pong.done():
-                self._pong.set_result(None)
+            while self._pongs:
+                pong = self._pongs.popleft()
+                if not pong.done():
+                    pong.set_result(None)
+                    break
         elif mtype == "error":
             rec.event("err", now, sid, msg.get("code"), msg.get("message"), bool(msg.get("fatal")))
             self.live.errors += 1

@@ -12,6 +12,7 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 MAX_SESSIONS = 5000
 MAX_DURATION_S = 3600.0
 MAX_TURNS = 10_000  # per session
+MAX_CONTEXTS = 64  # per session (the server allows 8 by default; more shows its `limit` error)
 
 
 def check_loopback(url: str) -> str:
@@ -34,6 +35,11 @@ def _finite(name: str, value: float, lo: float, hi: float) -> None:
         raise ValueError(f"{name} must be within [{lo:g}, {hi:g}], got {value:g}")
 
 
+def context_id(c: int) -> str:
+    """The wire id of a session's context ``c`` (with more than one): "c0", "c1", ..."""
+    return f"c{c}"
+
+
 @dataclass(frozen=True)
 class SwarmConfig:
     """One load-test run. Times in seconds unless the name says ms."""
@@ -49,7 +55,8 @@ class SwarmConfig:
     sentences: tuple[int, int] = (1, 3)  # sentences per turn (inclusive range)
     think_s: tuple[float, float] = (0.3, 1.0)  # pause after the listener heard a turn, before the next one
     barge_in: float = 0.0  # probability that a turn is interrupted (cancel + playback)
-    speaker_change: float = 0.2  # probability that a turn changes speaker after its first sentence
+    speaker_change: float = 0.2  # probability that a turn changes speaker after its first sentence (one context only)
+    contexts: int = 1  # concurrent contexts per session, each with its own speaker and turns (1: no `context` on the wire)
     codec: str = "opus"
     sample_rate: int = 48000
     frame_ms: int = 20
@@ -68,6 +75,8 @@ class SwarmConfig:
         check_loopback(self.url)
         if isinstance(self.sessions, bool) or not isinstance(self.sessions, int) or not 1 <= self.sessions <= MAX_SESSIONS:
             raise ValueError(f"sessions must be within [1, {MAX_SESSIONS}]")
+        if isinstance(self.contexts, bool) or not isinstance(self.contexts, int) or not 1 <= self.contexts <= MAX_CONTEXTS:
+            raise ValueError(f"contexts must be within [1, {MAX_CONTEXTS}]")
         if isinstance(self.turns, bool) or not isinstance(self.turns, int) or not 0 <= self.turns <= MAX_TURNS:
             raise ValueError(f"turns must be within [0, {MAX_TURNS}]")
         _finite("duration_s", self.duration_s, 0.1, MAX_DURATION_S)
@@ -99,6 +108,11 @@ class SwarmConfig:
     def measure_from_s(self) -> float:
         """Turns that start earlier than this (seconds since the run's start) are warm-up."""
         return self.ramp_s + self.warmup_s
+
+    @property
+    def context_ids(self) -> tuple[str | None, ...]:
+        """The wire ids of a session's contexts: ``(None,)`` (the default context, no ``context`` field) for one."""
+        return (None,) if self.contexts == 1 else tuple(context_id(c) for c in range(self.contexts))
 
     def output(self) -> dict[str, Any]:
         out: dict[str, Any] = {"codec": self.codec, "sample_rate": self.sample_rate, "frame_ms": self.frame_ms}

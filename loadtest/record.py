@@ -6,13 +6,13 @@ Kinds and their fields:
     conn   t sid                                       connecting
     open   t sid                                       WebSocket open
     ready  t sid frame_ms codec                        session.ready received
-    turn   t sid k speaker text barge_after_ms         the client begins turn k (its plan)
+    turn   t sid k speaker text barge_after_ms context the client begins turn k (its plan), sending its first text
     send   t sid k what chars                          sent text / turn.end / cancel / playback (chars: text sent so far)
     ping   t sid rtt_ms                                a protocol ping answered by the gateway
-    ts     t sid turn speaker                          turn.started
-    seg    t sid turn ms text                          segment
-    a      t sid turn seq ms nbytes                    audio
-    done   t sid turn reason audio_ms frames ttfa_ms underruns underrun_ms
+    ts     t sid turn speaker context                  turn.started
+    seg    t sid turn ms text context                  segment
+    a      t sid turn seq ms nbytes context            audio
+    done   t sid turn reason audio_ms frames ttfa_ms underruns underrun_ms context
                                                        turn.done (+ the live player's counts)
     err    t sid code message fatal                    error from the server, or a client-side failure
     close  t sid why                                   the session ended (done | error | timeout | closed)
@@ -22,6 +22,11 @@ Kinds and their fields:
                                                        children: its subprocesses, e.g. engine workers, Redis;
                                                        *_wait: % of time the event loop waited for a CPU)
     lag    t ms                                        the client's event-loop lag (timer overshoot)
+
+``k`` is the session-wide turn index the client allocates as a turn's first text goes out (the server numbers
+turns the same way). ``context`` is the context's wire id, ``None`` for the default context (one context per
+session); on server messages it is what the server sent. Events recorded before contexts existed lack the
+trailing ``context`` field; readers take a missing one as ``None``.
 
 Packing happens inline (about a microsecond per event) into a buffer that is written out periodically, so
 recording never stalls the event loop.

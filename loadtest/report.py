@@ -115,18 +115,50 @@ def _fmt(d: dict[str, Any] | None) -> str:
     return " / ".join(f"{d[q]:.1f}" for q in ("p50", "p90", "p99", "max"))
 
 
+def _context_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows for runs with several contexts per session (none for one)."""
+    ctx = s.get("contexts") or {}
+    if ctx.get("per_session", 1) <= 1:
+        return []
+    rows = [
+        ("contexts per session", f"{ctx['per_session']}"),
+        ("TTFA ms, no other context of the session in flight", _fmt(ctx["ttfa_ms_alone"])),
+        ("TTFA ms, other contexts in flight (ratio of p50s)",
+         f"{_fmt(ctx['ttfa_ms_with_others'])} ({ctx['with_others_over_alone_p50']})"),
+    ]
+    rows += [(f"TTFA ms, {n} other contexts in flight", _fmt(d)) for n, d in ctx["ttfa_ms_by_others"].items()]
+    rows += [(f"first round: TTFA ms of the context that began {int(r) + 1}.", _fmt(d))
+             for r, d in ctx["first_round"]["ttfa_ms_by_rank"].items()]
+    rows.append(("first round: later context's TTFA / the first's", _fmt2(ctx["first_round"]["later_over_first"])))
+    rows += [
+        (f"context {c}: turns, TTFA ms, audio s, underruns",
+         f"{v['turns']} {v['turns_by_reason']}; {_fmt(v['ttfa_ms'])}; {v['audio_seconds']}; {v['underruns']}")
+        for c, v in ctx["by_context"].items()
+    ]
+    rows.append(("turns whose audio interleaved with another context's", f"{ctx['interleaved_turns']}"))
+    rows.append(("most contexts of one session playing at once", f"{ctx['streams_peak_in_session']}"))
+    return rows
+
+
+def _fmt2(d: dict[str, Any] | None) -> str:
+    if not d or d.get("p50") is None:
+        return "–"
+    return " / ".join(f"{d[q]:.2f}" for q in ("p50", "p90", "p99", "max"))
+
+
 def _rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     cpu = s["cpu"]
     return [
         ("sessions (ready / requested)", f"{s['sessions_ready']} / {s['sessions']}"),
         ("turns measured (total)", f"{s['turns']} ({s['turns_total']}), by reason {s['turns_by_reason']}"),
-        ("average concurrent streams", f"{s['streams_mean']}"),
+        ("average concurrent streams (peak)", f"{s['streams_mean']} ({s.get('streams_peak', '–')})"),
         ("TTFA ms p50 / p90 / p99 / max", _fmt(s["ttfa_ms"])),
         ("bare WebSocket round trip ms", _fmt(s["floor_ms"])),
         ("gateway overhead ms (TTFA − floor) p50 / p90 / p99", " / ".join(
             "–" if s["overhead_ms"][q] is None else f"{s['overhead_ms'][q]:.1f}" for q in ("p50", "p90", "p99"))),
         ("server-reported TTFA ms", _fmt(s["server_ttfa_ms"])),
         ("protocol ping ms", _fmt(s["ping_ms"])),
+        *_context_rows(s),
         ("gap between packets ms", _fmt(s["gap_ms"])),
         ("underruns (turns with any, ms)", f"{s['underruns']} ({s['turns_with_underruns']}, {s['underrun_ms']:.1f} ms)"),
         ("real-time factor", _fmt(s["rtf"])),
@@ -186,7 +218,9 @@ def write_report(a: Analysis, out_dir: Path, extra_html: str = "") -> Path:
     except ImportError:
         note = "<p><b>No plots:</b> matplotlib is not installed (<code>pip install -e '.[loadtest]'</code>).</p>"
     cfg = s["config"]
-    title = f"Shoal load test: {s['sessions']} sessions, {cfg['duration_s']:g} s, {cfg['codec']}"
+    contexts = int(cfg.get("contexts", 1))
+    title = (f"Shoal load test: {s['sessions']} sessions{f' x {contexts} contexts' if contexts > 1 else ''}, "
+             f"{cfg['duration_s']:g} s, {cfg['codec']}")
     body = (
         _table(_rows(s))
         + note

@@ -4,6 +4,10 @@ A turn is a few sentences from a fixed corpus, cut into LLM-like tokens (a word 
 at ``tokens_per_s``. Turns alternate between speakers 0 and 1; some turns hand over to the other speaker after
 their first sentence (an in-turn speaker change). Some turns are interrupted: the plan says after how much
 heard audio the listener barges in. Everything is a pure function of (seed, session index, turn index).
+
+With ``contexts`` > 1 a session is a scene of several characters talking at once: context ``c`` has its own
+script (a pure function of seed, session, context and turn index), always spoken by its own speaker ``c``
+(modulo the 16 speakers a session declares), without in-turn speaker changes; barge-ins apply per context.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import random
 import re
 from dataclasses import dataclass
 
-from loadtest.config import SwarmConfig
+from loadtest.config import SwarmConfig, context_id
+
+SPEAKERS = 16  # speakers a session declares at most (realtime.protocol.MAX_SPEAKERS)
 
 CORPUS: tuple[str, ...] = (
     "Welcome back to the harbour, traveller.",
@@ -67,11 +73,12 @@ class Piece:
 
 @dataclass(frozen=True)
 class TurnPlan:
-    index: int
+    index: int  # the turn's index in its context (in the session with one context)
     speaker: int  # the turn's speaker
     pieces: tuple[Piece, ...]
     barge_after_ms: float | None  # cancel once this much audio was heard (None: let it finish)
     think_s: float  # pause after the turn was heard
+    context: str | None = None  # the wire id of its context (None: the default context)
 
     @property
     def text(self) -> str:
@@ -83,13 +90,31 @@ class TurnPlan:
         return [(p.speaker, t) for p in self.pieces for t in p.tokens]
 
 
-def turn_plan(config: SwarmConfig, session: int, index: int) -> TurnPlan:
-    """The plan of turn ``index`` of session ``session`` (deterministic)."""
-    rng = random.Random(f"{config.seed}:{session}:{index}")
-    speaker = (session + index) % 2
+def context_speaker(context: int) -> int:
+    """The speaker of a session's context ``context`` (with more than one context)."""
+    return context % SPEAKERS
+
+
+def session_speakers(config: SwarmConfig) -> int:
+    """How many speakers (0..n-1) a session declares."""
+    return 2 if config.contexts == 1 else min(SPEAKERS, max(2, config.contexts))
+
+
+def turn_plan(config: SwarmConfig, session: int, index: int, context: int = 0) -> TurnPlan:
+    """The plan of turn ``index`` of context ``context`` of session ``session`` (deterministic)."""
+    if not 0 <= context < config.contexts:
+        raise ValueError(f"context {context} out of range: the sessions have {config.contexts}")
+    if config.contexts == 1:  # exactly the plans of before contexts existed
+        rng = random.Random(f"{config.seed}:{session}:{index}")
+        speaker = (session + index) % 2
+        wire_id = None
+    else:
+        rng = random.Random(f"{config.seed}:{session}:c{context}:{index}")
+        speaker = context_speaker(context)
+        wire_id = context_id(context)
     lo, hi = config.sentences
     sentences = [rng.choice(CORPUS) for _ in range(rng.randint(lo, hi))]
-    change = len(sentences) > 1 and rng.random() < config.speaker_change
+    change = len(sentences) > 1 and rng.random() < config.speaker_change and wire_id is None
     first = " ".join(sentences[:1])
     rest = "".join(" " + s for s in sentences[1:])
     pieces = [Piece(speaker, tuple(tokenize(first)))]
@@ -97,4 +122,6 @@ def turn_plan(config: SwarmConfig, session: int, index: int) -> TurnPlan:
         pieces.append(Piece(1 - speaker if change else speaker, tuple(tokenize(rest))))
     barge = rng.uniform(300.0, 2000.0) if rng.random() < config.barge_in else None
     think = rng.uniform(*config.think_s)
-    return TurnPlan(index=index, speaker=speaker, pieces=tuple(pieces), barge_after_ms=barge, think_s=think)
+    return TurnPlan(
+        index=index, speaker=speaker, pieces=tuple(pieces), barge_after_ms=barge, think_s=think, context=wire_id
+    )

@@ -13,7 +13,16 @@ Definitions (all times on the load-test client's clock):
 - cancel: from sending ``cancel`` to ``turn.done``; ``audio_after_cancel`` counts the cancelled turn's audio that
   still arrived after the cancel was sent (in flight, or sent late), and how long after.
 - floor: a bare WebSocket round trip (:mod:`loadtest.floor`); overhead = TTFA percentile - floor percentile.
-- streams: audio seconds received in the measured window / window length (average concurrent real-time streams).
+- streams: audio seconds received in the measured window / window length (average concurrent real-time streams);
+  every playing context counts. ``streams_peak``: the most turns playing at once (a turn plays from its player's
+  start until its audio, stalls included, has played out, or until its barge-in).
+
+Contexts (``--contexts N``): every turn belongs to one context of its session (``None``: the default context).
+``others`` of a turn: how many of its session's other contexts had a turn in flight (begun, no ``turn.done``
+yet) when it began; ``contexts.ttfa_ms_alone`` / ``ttfa_ms_with_others`` split TTFA by that. The *first round*
+is each session's first turn of every context, sent together when the session starts (warm-up included): its
+TTFA by rank (the order the contexts began) and, per session, each later context's TTFA over the first's.
+``interleaved_turns``: turns whose audio arrived while another context of the session was receiving audio.
 
 Turns that start before ``ramp_s + warmup_s`` are warm-up and excluded; errors and sanity checks cover the
 whole run. ``sanity`` lists impossible orderings; a run with any is not to be trusted.
@@ -69,6 +78,9 @@ class TurnLog:
     done: list[Any] | None = None
     player: Player | None = None
     concurrency: int = 0
+    context: str | None = None  # None: the default context
+    others: int = 0  # the session's other contexts with a turn in flight when this one began
+    rank: int | None = None  # first round: the order its context's first turn began in the session (else None)
 
     @property
     def t_ready(self) -> float | None:
@@ -98,6 +110,17 @@ class TurnLog:
     def reason(self) -> str:
         return str(self.done[4]) if self.done is not None else "unfinished"
 
+    def playing(self, frame_ms: float) -> tuple[float, float] | None:
+        """(start, end) of its playback on the simulated player, or None if nothing played."""
+        assert self.player is not None
+        p = self.player
+        if not self.audio:
+            return None
+        start = p.started_at if p.started_at is not None else self.audio[-1]
+        if p.stopped:
+            return start, max(start, self.t_cancel if self.t_cancel is not None else start)
+        return start, start + (len(self.audio) * frame_ms + p.underrun_ms) / 1000.0
+
 
 @dataclass
 class _SessionLog:
@@ -110,7 +133,7 @@ class _SessionLog:
     frame_ms: float = 20.0
     last_t: float = -math.inf
     turns: dict[int, TurnLog] = field(default_factory=dict)
-    current: TurnLog | None = None
+    current: dict[str | None, TurnLog] = field(default_factory=dict)  # context -> its latest turn
 
 
 class _Sanity:
@@ -144,6 +167,8 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
     config = meta["config"]
     prebuffer = float(config.get("prebuffer_ms", 0.0))
     measure_from = float(config["ramp_s"]) + float(config["warmup_s"])
+    n_contexts = int(config.get("contexts", 1))
+    context_ids: set[str | None] = {None} if n_contexts == 1 else {f"c{c}" for c in range(n_contexts)}
     duration = float(config["duration_s"])
     sanity = _Sanity()
     sessions: dict[int, _SessionLog] = {}
@@ -165,18 +190,20 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         s.last_t = max(s.last_t, t)
         return s
 
-    def turn_of(s: _SessionLog, turn: int, kind: str) -> TurnLog | None:
+    def turn_of(s: _SessionLog, turn: int, kind: str, ctx: str | None) -> TurnLog | None:
         log = s.turns.get(turn)
         if log is None:
             sanity.fail("unknown_turn", f"session {s.sid}: {kind} for turn {turn} the client never began")
+        elif ctx != log.context:
+            sanity.fail("turn_context", f"session {s.sid}: {kind} of turn {turn} in context {ctx!r}, the turn's is {log.context!r}")
         return log
 
     for ev in read_events(raw_dir / EVENTS_FILE):
         kind, t = ev[0], ev[1]
         if kind == "a":
-            _, _, sid, turn, seq, ms, _nbytes = ev
+            _, _, sid, turn, seq, ms, _nbytes, *rest = ev
             s = session(sid, t)
-            log = turn_of(s, turn, "audio")
+            log = turn_of(s, turn, "audio", rest[0] if rest else None)
             if log is None:
                 continue
             if log.t_started is None:
@@ -214,19 +241,21 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
                 assert log.player is not None
                 log.player.stop(t)
         elif kind == "seg":
-            _, _, sid, turn, ms, text = ev
+            _, _, sid, turn, ms, text, *rest = ev
             s = session(sid, t)
-            log = turn_of(s, turn, "segment")
+            log = turn_of(s, turn, "segment", rest[0] if rest else None)
             if log is not None:
                 if log.t_started is None:
                     sanity.fail("segment_before_turn_started", f"session {sid} turn {turn}")
                 log.segments.append((t, ms, text))
         elif kind == "ts":
-            _, _, sid, turn, speaker = ev
+            _, _, sid, turn, speaker, *rest = ev
+            ctx = rest[0] if rest else None
             s = session(sid, t)
-            cur = s.current
+            cur = s.current.get(ctx)
             if cur is None or cur.k != turn:
-                sanity.fail("turn_numbering", f"session {sid}: turn.started {turn} during client turn {cur.k if cur else None}")
+                where = "" if ctx is None else f" of context {ctx!r}"
+                sanity.fail("turn_numbering", f"session {sid}: turn.started {turn}{where} during client turn {cur.k if cur else None}")
                 continue
             if not cur.sends:
                 sanity.fail("turn_started_before_text", f"session {sid} turn {turn}")
@@ -236,9 +265,9 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
                 sanity.fail("turn_speaker", f"session {sid} turn {turn}: speaker {speaker}, sent {cur.speaker}")
             cur.t_started = t
         elif kind == "done":
-            _, _, sid, turn, reason, audio_ms, frames, _ttfa, underruns, underrun_ms = ev
+            _, _, sid, turn, reason, audio_ms, frames, _ttfa, underruns, underrun_ms, *rest = ev
             s = session(sid, t)
-            log = turn_of(s, turn, "turn.done")
+            log = turn_of(s, turn, "turn.done", rest[0] if rest else None)
             if log is None:
                 continue
             if log.done is not None:
@@ -250,6 +279,8 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
                 sanity.fail("done_audio_ms", f"session {sid} turn {turn}: {audio_ms} ms for {frames} frames")
             if reason == "complete" and not any(w == "turn.end" for _, w, _ in log.sends):
                 sanity.fail("complete_without_turn_end", f"session {sid} turn {turn}")
+            if reason == "cancelled" and log.t_cancel is None:  # a cancel stops its own context's turn only
+                sanity.fail("cancelled_without_cancel", f"session {sid} turn {turn} (context {log.context!r})")
             assert log.player is not None
             if underruns != log.player.underruns or abs(underrun_ms - log.player.underrun_ms) > 0.01:
                 sanity.fail(
@@ -262,15 +293,27 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
             if ttfa is not None and ttfa < 0:
                 sanity.fail("audio_before_text", f"session {sid} turn {turn}: first audio {-ttfa:.3f} ms before its text")
         elif kind == "turn":
-            _, _, sid, k, speaker, text, barge = ev
+            _, _, sid, k, speaker, text, barge, *rest = ev
+            ctx = rest[0] if rest else None
             s = session(sid, t)
             if s.t_ready is None:
                 sanity.fail("turn_before_ready", f"session {sid} turn {k}")
-            if s.current is not None and s.current.done is None and s.t_close is None:
-                sanity.fail("turn_overlap", f"session {sid}: turn {k} began before turn {s.current.k} was done")
-            log = TurnLog(sid, k, t, speaker, text, barge, player=Player(prebuffer))
+            if ctx not in context_ids:
+                sanity.fail("turn_context", f"session {sid} turn {k}: context {ctx!r}, the run has {sorted(map(str, context_ids))}")
+            if k != len(s.turns):  # the client numbers a session's turns 0, 1, 2, ... as they begin
+                sanity.fail("turn_index", f"session {sid}: turn {k} began as the session's turn {len(s.turns)}")
+            prev = s.current.get(ctx)
+            if prev is not None and prev.done is None and s.t_close is None:
+                where = "" if ctx is None else f" in context {ctx!r}"
+                sanity.fail("turn_overlap", f"session {sid}: turn {k} began before turn {prev.k} was done{where}")
+            in_flight = sum(1 for c, other in s.current.items() if c != ctx and other.done is None)
+            if in_flight >= n_contexts and s.t_close is None:
+                sanity.fail("contexts_exceeded", f"session {sid}: turn {k} began with {in_flight} other turns in flight")
+            log = TurnLog(sid, k, t, speaker, text, barge, player=Player(prebuffer), context=ctx, others=in_flight)
+            if ctx not in s.current:
+                log.rank = len(s.current)
             s.turns[k] = log
-            s.current = log
+            s.current[ctx] = log
         elif kind == "ping":
             session(ev[2], t)
             pings.append((t, float(ev[3])))
@@ -400,6 +443,8 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         "audio_seconds": round(audio_s_total, 3),
         "audio_seconds_measured": round(audio_s_measured, 3),
         "streams_mean": round(streams_mean, 2),
+        "streams_peak": _peak([iv for log in all_turns if (iv := log.playing(frame_of[log.sid])) is not None],
+                              measure_from, window_end),
         "rtf": dist(rtf),
         "cancel_ms": dist(cancel_ms),
         "audio_after_cancel": {"packets": after_cancel_packets, "last_ms": dist(after_cancel_ms)},
@@ -423,6 +468,7 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         "client_saturated": client_saturated,
         "machine_busy": _machine_busy(other_d, cpu_col(5), cpu_col(6)),
         "window_s": [round(measure_from, 3), round(window_end, 3)],
+        "contexts": _contexts_summary(n_contexts, measured, sessions),
         "sanity": sanity.to_json(),
         "config": config,
         "machine": meta.get("machine"),
@@ -439,6 +485,83 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         lag=lag,
         concurrency=[(t, open_at(t)) for t in sorted(opens + closes)],
     )
+
+
+def _peak(intervals: list[tuple[float, float]], lo: float = -math.inf, hi: float = math.inf) -> int:
+    """The most intervals open at once within [lo, hi] (an interval ending as another starts does not overlap it)."""
+    edges = sorted([(max(a, lo), 1) for a, b in intervals if b > lo and a < hi and b > a]
+                   + [(min(b, hi), -1) for a, b in intervals if b > lo and a < hi and b > a])
+    peak = n = 0
+    for _, step in edges:  # at equal times -1 sorts first
+        n += step
+        peak = max(peak, n)
+    return peak
+
+
+def _key(ctx: str | None) -> str:
+    return "default" if ctx is None else ctx
+
+
+def _contexts_summary(n_contexts: int, measured: list[TurnLog], sessions: dict[int, _SessionLog]) -> dict[str, Any]:
+    """Per-context numbers: TTFA by context, alone vs with the session's other contexts in flight, the first round."""
+
+    def ttfa(logs: list[TurnLog]) -> list[float]:
+        return [v for log in logs if (v := log.ttfa_ms) is not None]
+
+    by_context: dict[str, Any] = {}
+    for ctx in sorted({log.context for log in measured}, key=lambda c: (c is not None, len(c or ""), c or "")):
+        logs = [log for log in measured if log.context == ctx]
+        frame = {log.sid: sessions[log.sid].frame_ms for log in logs}
+        by_context[_key(ctx)] = {
+            "turns": len(logs),
+            "turns_by_reason": dict(Counter(log.reason for log in logs)),
+            "ttfa_ms": dist(ttfa(logs)),
+            "audio_seconds": round(sum(len(log.audio) * frame[log.sid] for log in logs) / 1000.0, 3),
+            "underruns": sum(log.player.underruns for log in logs if log.player is not None),
+        }
+    by_others: dict[str, Any] = {}
+    for n in sorted({log.others for log in measured}):
+        by_others[str(n)] = dist(ttfa([log for log in measured if log.others == n]))
+    # the first round: every session's first turn of each context, sent together (warm-up included)
+    by_rank: dict[int, list[float]] = {}
+    ratios: list[float] = []
+    interleaved = 0
+    peak_in_session = 0
+    for s in sessions.values():
+        first = sorted((log for log in s.turns.values() if log.rank is not None), key=lambda log: log.rank or 0)
+        for log in first:
+            if (v := log.ttfa_ms) is not None:
+                by_rank.setdefault(log.rank or 0, []).append(v)
+        base = first[0].ttfa_ms if first else None
+        if base is not None and base > 0:
+            ratios += [v / base for log in first[1:] if (v := log.ttfa_ms) is not None]
+        spans = [(log.audio[0], log.audio[-1], log.context) for log in s.turns.values() if len(log.audio) > 1]
+        interleaved += sum(
+            1 for a0, a1, ca in spans if any(cb != ca and a0 < b1 and b0 < a1 for b0, b1, cb in spans)
+        )
+        frame_ms = s.frame_ms
+        peak_in_session = max(peak_in_session, _peak(
+            [iv for log in s.turns.values() if (iv := log.playing(frame_ms)) is not None]))
+    alone = [log for log in measured if log.others == 0]
+    together = [log for log in measured if log.others > 0]
+    alone_d, together_d = dist(ttfa(alone)), dist(ttfa(together))
+    return {
+        "per_session": n_contexts,
+        "by_context": by_context,
+        "ttfa_ms_alone": alone_d,
+        "ttfa_ms_with_others": together_d,
+        "with_others_over_alone_p50": (
+            round(float(together_d["p50"]) / float(alone_d["p50"]), 3)
+            if together_d["p50"] is not None and alone_d["p50"] else None
+        ),
+        "ttfa_ms_by_others": by_others,
+        "first_round": {
+            "ttfa_ms_by_rank": {str(r): dist(v) for r, v in sorted(by_rank.items())},
+            "later_over_first": dist(ratios),
+        },
+        "interleaved_turns": interleaved,
+        "streams_peak_in_session": peak_in_session,
+    }
 
 
 def _machine_busy(other: dict[str, Any], server_wait: dict[str, Any], client_wait: dict[str, Any]) -> bool:
@@ -463,7 +586,8 @@ def within(summary: dict[str, Any], ttfa_p99_ms: float | None, max_underruns: in
 
 def write_turns_csv(path: Path, turns: list[TurnLog]) -> None:
     """One row per turn, for anyone who wants to look further."""
-    lines = ["session,turn,t_start,concurrency,reason,ttfa_ms,server_ttfa_ms,audio_packets,underruns,underrun_ms"]
+    lines = ["session,turn,t_start,concurrency,reason,ttfa_ms,server_ttfa_ms,audio_packets,underruns,underrun_ms,"
+             "context,others"]
     for log in turns:
         ttfa = log.ttfa_ms
         server = log.done[7] if log.done is not None else None
@@ -471,6 +595,6 @@ def write_turns_csv(path: Path, turns: list[TurnLog]) -> None:
         lines.append(
             f"{log.sid},{log.k},{log.t_start:.4f},{log.concurrency},{log.reason},"
             f"{'' if ttfa is None else f'{ttfa:.3f}'},{'' if server is None else server},{len(log.audio)},"
-            f"{log.player.underruns},{log.player.underrun_ms:.3f}"
+            f"{log.player.underruns},{log.player.underrun_ms:.3f},{'' if log.context is None else log.context},{log.others}"
         )
     path.write_text("\n".join(lines) + "\n")
