@@ -166,13 +166,13 @@ class Connection:
         self.sampling = Sampling()
         self.machine: TurnMachine | None = None
         self.voices: dict[str, Voice] = {}
-        self.clock = _PlaybackClock()
+        self.clocks: dict[str, _PlaybackClock] = {}  # per context: each is paced on its own listener's clock
         self.probe: ReadProbe | None = None
         self._task: asyncio.Task[Any] | None = None
         self._live: asyncio.TaskGroup | None = None
-        self._work = asyncio.Event()  # the machine has a synthesis job
         self._writes = asyncio.Event()  # the machine has a record to store
-        self._current: tuple[int, asyncio.Task[None]] | None = None  # (turn, job task) being synthesized
+        self._workers: dict[str, asyncio.Task[None]] = {}  # per context with work: its synthesis task
+        self._current: dict[int, asyncio.Task[None]] = {}  # per turn being synthesized: the job's task
         self._encoders: dict[int, AudioEncoder] = {}  # per turn being synthesized: a resource, not turn state
         self._closing = False
         self._drain_until = 0.0
@@ -208,7 +208,6 @@ class Connection:
                         self._live = live
                         live.create_task(self._receive_loop(), name="receive")
                         live.create_task(self._send_loop(), name="send")
-                        live.create_task(self._synthesis_loop(), name="synthesize")
                         live.create_task(self._watchdog(), name="watchdog")
                 except* _Gone:
                     pass
@@ -253,7 +252,6 @@ class Connection:
         time (``store_drain_s``: long enough for the embedded Redis to restart) to store what is left."""
         self._closing = True
         self.outbox.close()
-        self._work.set()
         if self.machine is not None:
             for turn, reason in self.machine.close(time.monotonic()):
                 self.gw.metrics.turns.labels(reason).inc()
@@ -313,18 +311,26 @@ class Connection:
     def _poke(self) -> None:
         machine = self.machine
         if machine is not None:
-            if machine.has_job():
-                self._work.set()
+            if self._live is not None and not self._closing:
+                for context in machine.job_contexts():
+                    if context not in self._workers:
+                        self._workers[context] = self._live.create_task(
+                            self._synthesis_worker(context), name=f"synthesize-{context or 'default'}")
             if machine.has_write():
                 self._writes.set()
 
     def _stop(self, turns: tuple[int, ...]) -> None:
         """Barge-in: silence now (drop queued audio, stop the engine step, drop the encoder)."""
         self.outbox.drop_audio(set(turns))
-        self.clock.reset(time.monotonic())
-        if self._current is not None and self._current[0] in turns:
-            self._current[1].cancel()
+        now = time.monotonic()
         for turn in turns:
+            if self.machine is not None:
+                clock = self.clocks.get(self.machine.context_of(turn))
+                if clock is not None:
+                    clock.reset(now)
+            task = self._current.get(turn)
+            if task is not None:
+                task.cancel()
             self._encoders.pop(turn, None)
 
     # ------------------------------------------------------------------ sending
@@ -656,25 +662,22 @@ class Connection:
 
     # ------------------------------------------------------------------ synthesis
 
-    async def _synthesis_loop(self) -> None:
-        """Run the machine's jobs one at a time; a barge-in cancels the job of its turn (``_stop``)."""
+    async def _synthesis_worker(self, context: str) -> None:
+        """Run one context's jobs one at a time, until it has none (``_poke`` starts it again when it has). A
+        barge-in cancels the job of its turn (``_stop``); contexts run side by side, each in a task like this."""
+        machine = self.machine
+        assert machine is not None
         try:
-            while True:
-                job = self.machine.next_job() if self.machine is not None else None
-                if job is None:
-                    if self._closing:
-                        return
-                    self._work.clear()
-                    await self._work.wait()
-                    continue
+            while (job := machine.next_job(context)) is not None:
                 task = asyncio.create_task(self._run_job(job), name=f"turn-{job.turn}")
-                self._current = (job.turn, task)
+                self._current[job.turn] = task
                 try:
                     await asyncio.wait([task])
                 finally:
-                    self._current = None
+                    del self._current[job.turn]
+                    if not task.done():
+                        task.cancel()  # this worker was cancelled (the connection is ending)
                 exc = None if task.cancelled() else task.exception()
-                assert self.machine is not None
                 if isinstance(job, Synthesize):
                     error = None
                     if isinstance(exc, EngineError):
@@ -684,14 +687,14 @@ class Connection:
                     elif exc is not None:
                         log.error("session %s: turn %d segment %d failed", self.sid, job.turn, job.segment, exc_info=exc)
                         error = f"internal error ({type(exc).__name__}); the turn ends here"
-                    self._apply(self.machine.segment_finished(job.turn, job.segment, error))
+                    self._apply(machine.segment_finished(job.turn, job.segment, error))
                 else:
                     if exc is not None:
                         raise exc
-                    self._apply(self.machine.audio_finished(job.turn))
+                    self._apply(machine.audio_finished(job.turn))
         finally:
-            if self._current is not None:
-                self._current[1].cancel()
+            if self._workers.get(context) is asyncio.current_task():
+                del self._workers[context]
 
     async def _run_job(self, job: Job) -> None:
         if isinstance(job, Finish):
@@ -739,8 +742,12 @@ class Connection:
         assert self.machine is not None
         frame_ms = self.output.frame_ms
         lead = float(self.output.lead_ms)
+        context = self.machine.context_of(turn)
+        clock = self.clocks.get(context)
+        if clock is None:
+            clock = self.clocks[context] = _PlaybackClock()
         for data in packets:
-            ahead = self.clock.ahead_ms(time.monotonic())
+            ahead = clock.ahead_ms(time.monotonic())
             if ahead > lead:
                 await asyncio.sleep((ahead - lead) / 1000.0)
             msg = self.machine.packet(turn, data)
@@ -748,7 +755,7 @@ class Connection:
                 raise asyncio.CancelledError
             if not self.outbox.try_put_audio(msg):
                 await self.outbox.put_audio(msg)
-            self.clock.sent_ms += frame_ms
+            clock.sent_ms += frame_ms
 
     # ------------------------------------------------------------------ the store
 

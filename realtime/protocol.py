@@ -35,7 +35,7 @@ ERROR_CODES = frozenset(
     }
 )
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # whole string: fullmatch
 MAX_SPEAKER = 63  # speaker indices are 0..63
 MAX_SPEAKERS = 16  # entries in a speakers list
 
@@ -85,21 +85,25 @@ class Text:
     type: ClassVar[str] = "text"
     text: str
     speaker: int | None = None
+    context: str | None = None  # concurrent contexts: the turn stream this belongs to (None: the default one)
 
 
 @dataclass(frozen=True)
 class Flush:
     type: ClassVar[str] = "flush"
+    context: str | None = None
 
 
 @dataclass(frozen=True)
 class TurnEnd:
     type: ClassVar[str] = "turn.end"
+    context: str | None = None
 
 
 @dataclass(frozen=True)
 class Cancel:
     type: ClassVar[str] = "cancel"
+    context: str | None = None  # None: every context
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class Playback:
     type: ClassVar[str] = "playback"
     turn: int
     played_ms: float
+    context: str | None = None  # informational: the turn index alone names the turn
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ class TurnStarted:
     type: ClassVar[str] = "turn.started"
     turn: int
     speaker: int
+    context: str | None = None  # on every message of a turn that belongs to a named context
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,7 @@ class Audio:
     seq: int
     ms: float
     data: bytes
+    context: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,7 @@ class Segment:
     turn: int
     text: str
     ms: float
+    context: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,7 @@ class TurnDone:
     audio_ms: float
     frames: int
     ttfa_ms: float | None
+    context: str | None = None
 
 
 @dataclass(frozen=True)
@@ -328,7 +337,7 @@ class _Fields:
 
     def id_(self, name: str) -> str | None:
         value = self.str_(name)
-        if value is not None and not _ID_RE.match(value):
+        if value is not None and not _ID_RE.fullmatch(value):
             raise ProtocolError(
                 "bad_message", f"{self.mtype}.{name} must be 1-64 characters of A-Z a-z 0-9 _ . : - (got {value!r})"
             )
@@ -419,18 +428,18 @@ def _decode_map(obj: Mapping[str, Any], encoding: Encoding) -> ClientMessage:
     if mtype == "text":
         text = f.str_("text", required=True, max_len=MAX_TEXT_CHARS)
         assert text is not None
-        return Text(text=text, speaker=f.int_("speaker", 0, MAX_SPEAKER))
+        return Text(text=text, speaker=f.int_("speaker", 0, MAX_SPEAKER), context=f.id_("context"))
     if mtype == "flush":
-        return Flush()
+        return Flush(context=f.id_("context"))
     if mtype == "turn.end":
-        return TurnEnd()
+        return TurnEnd(context=f.id_("context"))
     if mtype == "cancel":
-        return Cancel()
+        return Cancel(context=f.id_("context"))
     if mtype == "playback":
         turn = f.int_("turn", 0, 2**31 - 1, required=True)
         played = f.num("played_ms", 0.0, 24 * 3600 * 1000.0, required=True)
         assert turn is not None and played is not None
-        return Playback(turn=turn, played_ms=played)
+        return Playback(turn=turn, played_ms=played, context=f.id_("context"))
     if mtype == "voice.create":
         text = f.str_("text", required=True, max_len=MAX_TEXT_CHARS)
         assert text is not None

@@ -84,9 +84,11 @@ class Limits:
     audible_s: float = 30.0  # a playback report is honoured this long after turn.done went out
     audible_turns: int = 8  # ... and for at most this many finished turns
     max_unstored: int = 64  # finished turns waiting for the store before new turns are refused
+    max_contexts: int = 8  # contexts with a turn in flight at once
 
     def __post_init__(self) -> None:
-        if self.turn_chars < 1 or self.buffered_chars < 1 or self.max_unstored < 1 or self.audible_turns < 1:
+        if (self.turn_chars < 1 or self.buffered_chars < 1 or self.max_unstored < 1 or self.audible_turns < 1
+                or self.max_contexts < 1):
             raise ValueError("limits must be positive")
         if self.audible_s <= 0:
             raise ValueError("audible_s must be positive")
@@ -176,6 +178,7 @@ class _Turn:
     speaker: int  # the turn's speaker (turn.started)
     context: str
     frame_ms: float  # output packet duration, fixed for the turn
+    started_at: float  # wall clock, for the record
     segmenter: Segmenter
     current_speaker: int  # speaker at the end of the text received so far
     segment_speaker: int  # speaker at the start of the next segment
@@ -214,10 +217,12 @@ class TurnMachine:
         max_frames: int,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.history = history  # the conversation as remembered: stored turns, then those waiting for the store
         self.limits = limits or Limits()
         self.clock = clock
+        self.wall = wall
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms  # engine frame (codes), None for engines without frames
         self.output_frame_ms = output_frame_ms
@@ -226,6 +231,8 @@ class TurnMachine:
         self._amends: dict[int, Turn] = {}  # stored turns to replace, by index
         self._turns: dict[int, _Turn] = {}  # live and still audible turns, by index
         self._open: dict[str, int] = {}  # context -> its open turn
+        self._next = len(history)  # index of the next turn
+        self._early: dict[int, Turn] = {}  # remembered turns that finished before an earlier one (other context)
         self._store_down = False
         self.default_speaker = 0
 
@@ -233,7 +240,7 @@ class TurnMachine:
 
     @property
     def next_turn(self) -> int:
-        return len(self.history) + sum(1 for t in self._turns.values() if t.record is None)
+        return self._next
 
     @property
     def active_turns(self) -> tuple[int, ...]:
@@ -244,7 +251,12 @@ class TurnMachine:
     def unstored(self) -> int:
         """Finished turns the store does not have yet (remembered, or with their turn.done on its way)."""
         finishing = sum(1 for t in self._turns.values() if t.done_queued and t.record is None)
-        return len(self.history) - self.stored + len(self._amends) + finishing
+        return len(self.history) - self.stored + len(self._amends) + len(self._early) + finishing
+
+    @property
+    def contexts(self) -> set[str]:
+        """Contexts with a turn in flight (not yet turn.done)."""
+        return {t.context for t in self._turns.values() if t.state in (*LIVE, TurnState.FINISHING)}
 
     def state(self, turn: int) -> TurnState | None:
         t = self._turns.get(turn)
@@ -256,6 +268,10 @@ class TurnMachine:
         """May audio of ``turn`` still go out? (False once cancelled.)"""
         t = self._turns.get(turn)
         return t is not None and t.reason != "cancelled" and t.state in (*LIVE, TurnState.FINISHING)
+
+    def context_of(self, turn: int) -> str:
+        t = self._turns.get(turn)
+        return "" if t is None else t.context
 
     def wants_audio(self, turn: int) -> bool:
         """Should synthesis of ``turn`` go on? (False once it was stopped, failed or reached max_frames.)"""
@@ -271,7 +287,9 @@ class TurnMachine:
     def receive(self, msg: Text | Flush | TurnEnd | Cancel | Playback, context: str = "") -> list[Output]:
         """Apply one turn message. Raises ProtocolError for input it refuses (the session stays usable)."""
         if isinstance(msg, Text):
-            return self._text(msg, context)
+            return self._text(msg, msg.context or context)
+        if isinstance(msg, (Flush, TurnEnd)):
+            context = msg.context or context
         if isinstance(msg, Flush):
             turn = self._open_turn(context)
             if turn is not None:
@@ -286,12 +304,12 @@ class TurnMachine:
             del self._open[context]
             return []
         if isinstance(msg, Cancel):
-            return self.cancel(context)
+            return self.cancel(msg.context)  # without a context: every context
         if isinstance(msg, Playback):
             return self._playback(msg)
         raise TypeError(f"not a turn message: {msg!r}")  # pragma: no cover - the gateway routes by type
 
-    def cancel(self, context: str | None = "") -> list[Output]:
+    def cancel(self, context: str | None = None) -> list[Output]:
         """Barge-in on ``context`` (None: every context): its live turns end now as ``cancelled``."""
         turns = [t for t in self._turns.values() if t.state in (*LIVE, TurnState.FINISHING) and not t.done_queued]
         turns = [t for t in turns if context is None or t.context == context]
@@ -316,20 +334,26 @@ class TurnMachine:
                     f"{self.unstored} finished turns wait to be stored (the session store is slow or unavailable); "
                     "new turns are refused until it takes them",
                 )
+            if context not in self.contexts and len(self.contexts) >= self.limits.max_contexts:
+                raise ProtocolError(
+                    "limit", f"at most {self.limits.max_contexts} contexts may have a turn in flight at once"
+                )
             speaker = msg.speaker if msg.speaker is not None else self.default_speaker
-            index = self.next_turn
+            index = self._next
+            self._next += 1
             turn = _Turn(
                 index=index,
                 speaker=speaker,
                 context=context,
                 frame_ms=self.output_frame_ms,
+                started_at=self.wall(),
                 segmenter=Segmenter(self.limits.segment_chars),
                 current_speaker=speaker,
                 segment_speaker=speaker,
             )
             self._turns[index] = turn
             self._open[context] = index
-            out.append(Send(TurnStarted(turn=index, speaker=speaker)))
+            out.append(Send(TurnStarted(turn=index, speaker=speaker, context=context or None)))
         text = msg.text
         if msg.speaker is not None and msg.speaker != turn.current_speaker:
             # a speaker change inside a turn becomes an inline tag, as the model's prompt format has it
@@ -367,8 +391,8 @@ class TurnMachine:
                 f"after its turn.done (and for the last {self.limits.audible_turns} turns); the report was ignored",
             )
         turn.heard_ms = msg.played_ms  # the latest report is where the listener is (a stored cut never grows)
-        for earlier in self._turns.values():  # the listener is past every earlier turn
-            if earlier.index < turn.index and earlier.state is TurnState.DONE:
+        for earlier in self._turns.values():  # the listener is past every earlier turn of that context
+            if earlier.index < turn.index and earlier.context == turn.context and earlier.state is TurnState.DONE:
                 self._settle(earlier)
         if turn.state is TurnState.DONE:
             self._recut(turn)
@@ -376,10 +400,12 @@ class TurnMachine:
 
     # ------------------------------------------------------------------ synthesis
 
-    def next_job(self) -> Job | None:
-        """The next piece of work for the synthesis task, earliest turn first."""
-        for turn in self._turns.values():
-            if turn.state not in LIVE:
+    def next_job(self, context: str | None = None) -> Job | None:
+        """The next piece of work for the synthesis of ``context`` (None: of any context). Within a context one
+        turn at a time, in order; contexts run side by side, each with a synthesis task of its own."""
+        for ctx in ([context] if context is not None else self.job_contexts()):
+            turn = self._first_live(ctx)
+            if turn is None:
                 continue
             if turn.reason is None and turn.next_segment < len(turn.segments):
                 seg = turn.segments[turn.next_segment]
@@ -387,21 +413,36 @@ class TurnMachine:
                 if turn.ready_at is None:
                     turn.ready_at = seg.ready_at
                 return Synthesize(turn.index, seg.index, seg.text, seg.speaker, seg.ready_at, self._samples_left(turn))
-            if turn.state is TurnState.ENDING and all(s.finished for s in turn.segments[: turn.next_segment]):
-                if turn.reason is not None or turn.next_segment == len(turn.segments):
-                    turn.state = TurnState.FINISHING
-                    return Finish(turn.index)
-            return None  # one turn at a time, in order
+            if self._may_finish(turn):
+                turn.state = TurnState.FINISHING
+                return Finish(turn.index)
         return None
 
-    def has_job(self) -> bool:
+    def job_contexts(self) -> list[str]:
+        """Contexts that have a job waiting."""
+        out: list[str] = []
         for turn in self._turns.values():
-            if turn.state not in LIVE:
+            if turn.state not in LIVE or turn.context in out or self._first_live(turn.context) is not turn:
                 continue
-            if turn.reason is None and turn.next_segment < len(turn.segments):
-                return True
-            return turn.state is TurnState.ENDING and all(s.finished for s in turn.segments[: turn.next_segment])
-        return False
+            if (turn.reason is None and turn.next_segment < len(turn.segments)) or self._may_finish(turn):
+                out.append(turn.context)
+        return out
+
+    def has_job(self) -> bool:
+        return bool(self.job_contexts())
+
+    def _first_live(self, context: str) -> _Turn | None:
+        for turn in self._turns.values():
+            if turn.state in LIVE and turn.context == context:
+                return turn
+        return None
+
+    @staticmethod
+    def _may_finish(turn: _Turn) -> bool:
+        """All its segments are made (or it stopped early): time to flush the encoder and send turn.done."""
+        if turn.state is not TurnState.ENDING or not all(s.finished for s in turn.segments[: turn.next_segment]):
+            return False
+        return turn.reason is not None or turn.next_segment == len(turn.segments)
 
     def _samples_left(self, turn: _Turn) -> int | None:
         if self.frame_ms is None:
@@ -417,7 +458,7 @@ class TurnMachine:
         announce = None
         if seg.start_ms is None:
             seg.start_ms = t.made * t.frame_ms
-            announce = Segment(turn=turn, text=seg.text, ms=round(seg.start_ms, 3))
+            announce = Segment(turn=turn, text=seg.text, ms=round(seg.start_ms, 3), context=t.context or None)
         left = self._samples_left(t)
         keep = samples if left is None else min(samples, left)
         if codes is not None and self.frame_ms is not None:
@@ -438,7 +479,7 @@ class TurnMachine:
         t = self._turns.get(turn)
         if t is None or t.reason == "cancelled" or t.state not in (*LIVE, TurnState.FINISHING):
             return None
-        msg = Audio(turn=turn, seq=t.made, ms=round(t.made * t.frame_ms, 3), data=data)
+        msg = Audio(turn=turn, seq=t.made, ms=round(t.made * t.frame_ms, 3), data=data, context=t.context or None)
         t.made += 1
         return msg
 
@@ -463,7 +504,8 @@ class TurnMachine:
         return [Stream(self._turn_done(t))]
 
     def _turn_done(self, t: _Turn) -> TurnDone:
-        return TurnDone(turn=t.index, reason=t.reason or "complete", audio_ms=0.0, frames=0, ttfa_ms=None)
+        return TurnDone(turn=t.index, reason=t.reason or "complete", audio_ms=0.0, frames=0, ttfa_ms=None,
+                        context=t.context or None)
 
     # ------------------------------------------------------------------ the socket
 
@@ -490,6 +532,7 @@ class TurnMachine:
             audio_ms=round(t.delivered * t.frame_ms, 3),
             frames=t.delivered,
             ttfa_ms=t.ttfa_ms,
+            context=t.context or None,
         )
 
     def _remember(self, t: _Turn, now: float) -> None:
@@ -498,8 +541,9 @@ class TurnMachine:
         t.state = TurnState.DONE
         t.done_at = now
         t.record = self._record(t)
-        assert t.index == len(self.history), f"turn {t.index} remembered out of order"
-        self.history.append(t.record)
+        self._early[t.index] = t.record
+        while len(self.history) in self._early:  # in start order: a turn that ends first waits for earlier ones
+            self.history.append(self._early.pop(len(self.history)))
         self._prune()
 
     # ------------------------------------------------------------------ truncation
@@ -535,6 +579,8 @@ class TurnMachine:
             state=t.reason or "complete",
             audio_ms=int(round(kept)),
             codes=codes,
+            context=t.context or None,
+            started_at=t.started_at,
         )
 
     def _recut(self, t: _Turn) -> None:
@@ -545,6 +591,9 @@ class TurnMachine:
             return
         new = replace(new, created_at=t.record.created_at)
         t.record = new
+        if t.index in self._early:
+            self._early[t.index] = new
+            return
         self.history[t.index] = new
         if t.index < self.stored:
             self._amends[t.index] = new
@@ -632,7 +681,12 @@ class TurnMachine:
 
     def past(self, turn: int) -> list[PastTurn]:
         """What the engine hears before ``turn``'s next segment: the remembered turns (cut where they were
-        heard), then the earlier segments of this turn with their audio, so prosody runs on."""
+        heard), then the earlier segments of this turn with their audio, so prosody runs on.
+
+        With concurrent contexts this is a deliberate layout: the remembered turns come one after the other in the
+        order they *started*, whole (the model has no notion of two voices at once, and the store keeps them in the
+        same order), and a turn still in flight in another context is not in it: lines spoken over each other do
+        not hear each other, and the next turn after them hears both."""
         past = [PastTurn(t.speaker, t.text, t.codes) for t in self.history if t.text]
         t = self._turns.get(turn)
         if t is not None:

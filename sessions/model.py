@@ -31,6 +31,8 @@ class Turn:
     audio_ms: int  # audio duration kept for this turn (cut at played/sent ms when cancelled)
     codes: np.ndarray | None = None  # (10, frames) int16, when the engine has codes
     created_at: float = field(default_factory=time.time)
+    context: str | None = None  # the concurrent context it was spoken in (None: the default one)
+    started_at: float | None = None  # wall-clock time of its turn.started (turns of several contexts overlap)
 
 
 @dataclass

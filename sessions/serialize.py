@@ -52,6 +52,9 @@ def encode(record: Session | Turn | Voice) -> bytes:
             "audio_ms": record.audio_ms,
             "codes": _encode_codes(record.codes),
             "created_at": record.created_at,
+            # added within schema 1: optional, absent in older records, ignored by older readers
+            "context": record.context,
+            "started_at": record.started_at,
         }
     elif isinstance(record, Voice):
         body = {
@@ -113,6 +116,8 @@ def decode(data: bytes, kind: type[R]) -> R:
                 audio_ms=_typed(obj["audio_ms"], int),
                 codes=_decode_codes(obj["codes"]),
                 created_at=float(obj["created_at"]),
+                context=_opt_str(obj.get("context")),
+                started_at=None if obj.get("started_at") is None else float(obj["started_at"]),
             )
         else:
             record = Voice(

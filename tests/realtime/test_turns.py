@@ -491,16 +491,17 @@ def test_close_remembers_every_live_turn_as_sent() -> None:
 
 # ---------------------------------------------------------------------------------------------- properties
 
+CONTEXT = st.sampled_from([None, "a", "b"])
 SAY = st.tuples(st.just("say"), st.none())  # a whole turn, run to its end
 PLAYBACK = st.tuples(st.just("playback"), st.tuples(st.integers(0, 2), st.sampled_from([0.0, 15.0, 50.0, 150.0, 400.0, 9e3])))
 OPS = st.one_of(
     SAY,
     PLAYBACK,
     PLAYBACK,  # weighted: reports against finished turns are where cuts happen
-    st.tuples(st.just("text"), st.sampled_from(["Hi", " there. ", "Yes! ", "word ", "\n"])),
-    st.tuples(st.just("flush"), st.none()),
-    st.tuples(st.just("end"), st.none()),
-    st.tuples(st.just("cancel"), st.none()),
+    st.tuples(st.just("text"), st.tuples(st.sampled_from(["Hi", " there. ", "Yes! ", "word ", "\n"]), CONTEXT)),
+    st.tuples(st.just("flush"), CONTEXT),
+    st.tuples(st.just("end"), CONTEXT),
+    st.tuples(st.just("cancel"), st.one_of(st.none(), CONTEXT)),
     st.tuples(st.just("job"), st.integers(0, 4)),
     st.tuples(st.just("deliver"), st.integers(0, 8)),
     st.tuples(st.just("write"), st.booleans()),
@@ -522,15 +523,15 @@ def test_random_sessions_keep_every_invariant(ops: list) -> None:
     for op, arg in ops:
         try:
             if op == "text":
-                sim.send(Text(arg))
+                sim.send(Text(arg[0], context=arg[1]))
             elif op == "say":
                 sim.say("Some words here. And more. ")
             elif op == "flush":
-                sim.send(Flush())
+                sim.send(Flush(context=arg))
             elif op == "end":
-                sim.send(TurnEnd())
+                sim.send(TurnEnd(context=arg))
             elif op == "cancel":
-                sim.send(Cancel())
+                sim.send(Cancel(context=arg))
             elif op == "playback":
                 sim.send(Playback(turn=arg[0], played_ms=arg[1]))
             elif op == "job":
@@ -546,9 +547,9 @@ def test_random_sessions_keep_every_invariant(ops: list) -> None:
             assert exc.code in ("bad_message", "limit")
         check_cuts()
     # the client ends every turn; everything runs out; the connection closes
-    if sim.m.active_turns:
+    for context in (None, "a", "b"):
         try:
-            sim.send(TurnEnd())
+            sim.send(TurnEnd(context=context))
         except ProtocolError:
             pass
     sim.run()
@@ -574,3 +575,79 @@ def test_random_sessions_keep_every_invariant(ops: list) -> None:
     assert [t.index for t in sim.m.history] == list(range(len(started)))
     assert [t.index for t in sim.stored] == list(range(len(started)))
     assert [t.audio_ms for t in sim.stored] == [t.audio_ms for t in sim.m.history]
+
+
+# ---------------------------------------------------------------------------------------------- concurrent contexts
+
+
+def test_contexts_synthesize_side_by_side_and_are_remembered_in_start_order() -> None:
+    sim = Sim(frames_per_segment=2)
+    sim.send(Text("Guard one speaks. ", speaker=0, context="a"))
+    sim.send(Text("Guard two answers. ", speaker=1, context="b"))
+    assert [(m.turn, m.speaker, m.context) for m in sim.of(TurnStarted)] == [(0, 0, "a"), (1, 1, "b")]
+    assert sim.m.job_contexts() == ["a", "b"]  # both have work at once
+    first_b = sim.m.next_job("b")
+    first_a = sim.m.next_job("a")
+    assert isinstance(first_a, Synthesize) and isinstance(first_b, Synthesize)
+    assert (first_a.turn, first_b.turn) == (0, 1)
+    sim.send(TurnEnd(context="b"))
+    sim.send(TurnEnd(context="a"))
+    sim.m.next_job("a")  # nothing yet: a's segment is still running
+    for job in (first_b, first_a):  # the engine finishes b first
+        sim.m.segment_audio(job.turn, job.segment, FRAME, np.zeros((10, 1), np.int16))
+        sim.apply(sim.m.segment_finished(job.turn, job.segment))
+    finish_b = sim.m.next_job("b")
+    assert finish_b == Finish(1)
+    sim.apply(sim.m.audio_finished(1))
+    sim.deliver()  # b's turn.done goes out while a is still finishing
+    assert sim.m.history == [] and sim.m.unstored == 1  # remembered, waiting for turn 0 to be stored before it
+    sim.run()
+    assert [(d.turn, d.context) for d in sim.of(TurnDone)] == [(1, "b"), (0, "a")]
+    assert [(t.index, t.context, t.speaker) for t in sim.stored] == [(0, "a", 0), (1, "b", 1)]
+    assert sim.stored[0].started_at is not None and sim.stored[0].started_at <= sim.stored[1].started_at
+
+
+def test_cancel_with_a_context_stops_only_that_one_and_without_one_stops_all() -> None:
+    sim = Sim()
+    for ctx in ("a", "b", "c"):
+        sim.send(Text(f"Line of {ctx}. ", context=ctx))
+    sim.send(Cancel(context="b"))
+    sim.send(TurnEnd(context="a"))
+    sim.send(TurnEnd(context="c"))
+    sim.run()
+    assert {d.context: d.reason for d in sim.of(TurnDone)} == {"a": "complete", "b": "cancelled", "c": "complete"}
+    for ctx in ("a", "b"):
+        sim.send(Text("Again. ", context=ctx))
+    sim.send(Cancel())
+    sim.run()
+    assert [d.reason for d in sim.of(TurnDone)][-2:] == ["cancelled", "cancelled"]
+
+
+def test_the_ninth_context_is_refused_and_the_session_goes_on() -> None:
+    sim = Sim()
+    for i in range(8):
+        sim.send(Text("Hello. ", context=f"npc-{i}"))
+    with pytest.raises(ProtocolError) as e:
+        sim.send(Text("One more. ", context="npc-8"))
+    assert e.value.code == "limit"
+    sim.send(Text("More from one already open. ", context="npc-3"))  # a context in flight is fine
+    sim.send(Cancel(context="npc-0"))
+    sim.run()
+    sim.send(Text("Now it fits. ", context="npc-8"))
+    assert sim.of(TurnStarted)[-1].context == "npc-8"
+
+
+def test_a_report_cuts_only_its_own_turn_and_leaves_other_contexts_audible() -> None:
+    sim = Sim(frames_per_segment=10)
+    sim.send(Text("alpha beta gamma delta. ", context="a"))
+    sim.send(Text("one two three four. ", context="b"))
+    sim.send(TurnEnd(context="a"))
+    sim.send(TurnEnd(context="b"))
+    sim.run()
+    sim.send(Playback(turn=1, played_ms=40.0))
+    sim.run()
+    assert sim.stored[1].text == "one" and sim.stored[1].audio_ms == 40
+    assert sim.stored[0].text == "alpha beta gamma delta." and sim.m.state(0) is TurnState.DONE
+    sim.send(Playback(turn=0, played_ms=40.0))  # still audible: turn 1's report was about another context
+    sim.run()
+    assert sim.stored[0].text == "alpha"

@@ -1,0 +1,121 @@
+"""Concurrent contexts end to end: several turns of one session in flight at once on one socket, against a real
+`shoal serve --engine stub` (the stub is a test instrument: deterministic tones at a GPU's cadence, 20 ms to the
+first frame) with its embedded Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.realtime.conftest import Client, Server, start_server
+
+STUB_TTFT_S = 0.020
+
+
+@pytest.fixture
+def stub(tmp_path: Path) -> Iterator[Server]:
+    srv = start_server(tmp_path / "data", "--engine", "stub", "--stub-ttft-ms", "20")
+    yield srv
+    srv.stop()
+
+
+async def read_turns(client: Client, done: int, timeout: float = 30.0) -> list[tuple[float, dict[str, Any]]]:
+    """Every message, with its arrival time, until ``done`` turn.done messages arrived."""
+    got: list[tuple[float, dict[str, Any]]] = []
+    deadline = time.monotonic() + timeout
+    while sum(1 for _, m in got if m["type"] == "turn.done") < done:
+        msg = await client.recv(max(0.05, deadline - time.monotonic()))
+        got.append((time.monotonic(), msg))
+    return got
+
+
+async def say(client: Client, context: str, speaker: int, text: str) -> float:
+    sent = time.monotonic()
+    await client.send(type="text", text=text, speaker=speaker, context=context)
+    await client.send(type="turn.end", context=context)
+    return sent
+
+
+async def test_two_contexts_speak_at_once_and_are_kept_in_start_order(stub: Server) -> None:
+    client = await Client.connect(stub.url)
+    sid = (await client.start(speakers=[{"speaker": 0}, {"speaker": 1}]))["session"]
+    sent = {"guard": await say(client, "guard", 0, "Halt, who goes there? Stand where you are and show your hands.")}
+    await asyncio.sleep(0.010)
+    sent["traveller"] = await say(client, "traveller", 1, "Only a traveller, friend. I mean no harm at all.")
+    got = await read_turns(client, done=2)
+
+    by_context: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    first_audio: dict[str, float] = {}
+    last_audio: dict[str, float] = {}
+    for at, msg in got:
+        if msg["type"] in ("turn.started", "segment", "audio", "turn.done"):
+            by_context[msg["context"]].append(msg)  # every message of a turn names its context
+        if msg["type"] == "audio":
+            first_audio.setdefault(msg["context"], at)
+            last_audio[msg["context"]] = at
+    ttfa = {ctx: first_audio[ctx] - sent[ctx] for ctx in sent}
+    print(f"\nfirst audio after the line was sent: guard {ttfa['guard'] * 1000:.1f} ms, traveller "
+          f"{ttfa['traveller'] * 1000:.1f} ms (stub TTFT {STUB_TTFT_S * 1000:.0f} ms)")
+    # the second line does not wait for the first: its first audio comes as fast as the first's (busy-machine slack)
+    assert ttfa["traveller"] <= ttfa["guard"] + 0.050 and max(ttfa.values()) < 1.0
+    assert first_audio["traveller"] < last_audio["guard"] and first_audio["guard"] < last_audio["traveller"]
+    turns = {}
+    for ctx, msgs in by_context.items():
+        audio = [m for m in msgs if m["type"] == "audio"]
+        done = [m for m in msgs if m["type"] == "turn.done"]
+        assert [a["seq"] for a in audio] == list(range(len(audio))), ctx  # contiguous per context
+        assert len(done) == 1 and done[0]["reason"] == "complete" and done[0]["frames"] == len(audio)
+        turns[ctx] = done[0]["turn"]
+    assert turns == {"guard": 0, "traveller": 1}
+    await client.close()
+
+    again = await Client.connect(stub.url)
+    ready = await again.start(session=sid)
+    assert [(h["turn"], h["speaker"], h["text"][:5]) for h in ready["history"]] == [(0, 0, "Halt,"), (1, 1, "Only ")]
+    await again.close()
+
+
+async def test_cancel_one_context_and_the_other_plays_on(stub: Server) -> None:
+    client = await Client.connect(stub.url)
+    sid = (await client.start())["session"]
+    await say(client, "a", 0, "This line will be interrupted before it is over. " * 3)
+    await say(client, "b", 1, "This one plays to its end.")
+    heard = 0
+    while heard < 5:  # the listener has 100 ms of "a" (and some of "b")
+        heard += (await client.until("audio"))[0]["context"] == "a"
+    await client.send(type="playback", turn=0, played_ms=46.0, context="a")
+    await client.send(type="cancel", context="a")
+    got = await read_turns(client, done=2)
+    done = {m["context"]: m for _, m in got if m["type"] == "turn.done"}
+    assert done["a"]["reason"] == "cancelled" and done["b"]["reason"] == "complete"
+    late_a = [m for _, m in got if m["type"] == "audio" and m["context"] == "a" and m["seq"] > done["a"]["frames"]]
+    assert not late_a
+    await client.close()
+    again = await Client.connect(stub.url)
+    history = (await again.start(session=sid))["history"]
+    first = "This line will be interrupted before it is over."
+    cut = history[0]["text"]  # cut where the listener stopped: the words that had started, by character share
+    assert history[0]["audio_ms"] == 46 and cut.startswith("This") and first.startswith(cut) and len(cut) < len(first)
+    assert history[1]["text"] == "This one plays to its end." and history[1]["state"] == "complete"
+    await again.close()
+
+
+async def test_the_ninth_context_gets_limit_and_the_session_stays_usable(stub: Server) -> None:
+    client = await Client.connect(stub.url)
+    await client.start()
+    for i in range(8):
+        await client.send(type="text", text="Hello there, how are you today? ", context=f"npc-{i}")
+    await client.send(type="text", text="One too many. ", context="npc-8")
+    error, _ = await client.until("error")
+    assert error["code"] == "limit" and "8 contexts" in error["message"] and not error["fatal"]
+    await client.ping()
+    await client.send(type="cancel")
+    got = await read_turns(client, done=8)
+    assert sorted(m["context"] for _, m in got if m["type"] == "turn.done") == [f"npc-{i}" for i in range(8)]
+    await client.close()
