@@ -70,3 +70,45 @@ def test_an_unreachable_server_is_reported_not_hung(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["sessions_ready"] == 0 and summary["errors_by_code"] == {"connect": 2}
+
+
+def test_two_contexts_per_session_play_at_once_and_both_complete(tmp_path: Path) -> None:
+    """`--contexts 2`: each session runs contexts c0 and c1 at once (their first turns sent together, barge-ins per
+    context). Both contexts' audio arrives, interleaved; turns of both complete; the strict per-turn orderings hold
+    (turn indices, seq per turn, a cancel stopping only its own context's turn)."""
+    from loadtest.record import read_events
+
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "realtime", "loadtest", "--serve", "stub", "--stub-ttft-ms", "5",
+        "--sessions", "3", "--contexts", "2", "--duration", "6", "--ramp", "1", "--warmup", "0.5", "--barge-in", "0.3",
+        "--tokens-per-s", "60", "--floor-probes", "0", "--quiet", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sanity"]["ok"], summary["sanity"]
+    assert summary["sessions_ready"] == 3 and summary["errors"] == 0, summary["errors_by_code"]
+    assert summary["turns_unfinished"] == 0
+    ctx = summary["contexts"]
+    assert ctx["per_session"] == 2 and set(ctx["by_context"]) == {"c0", "c1"}
+    for c in ("c0", "c1"):
+        assert ctx["by_context"][c]["audio_seconds"] > 0.5, ctx["by_context"][c]
+        assert ctx["by_context"][c]["ttfa_ms"]["n"] >= 1
+    ranks = ctx["first_round"]["ttfa_ms_by_rank"]
+    assert ranks["0"]["n"] == 3 and ranks["1"]["n"] == 3  # every session's two first lines got their audio
+    assert ctx["interleaved_turns"] >= 2 and ctx["streams_peak_in_session"] == 2
+    assert summary["streams_peak"] >= 2
+    assert "contexts       2 per session" in proc.stdout
+
+    audio: dict[str | None, int] = {}
+    completed: dict[str | None, int] = {}
+    for ev in read_events(out / "raw" / "events.msgpack"):
+        if ev[0] == "a":
+            audio[ev[-1]] = audio.get(ev[-1], 0) + 1
+        elif ev[0] == "done" and ev[4] == "complete":
+            completed[ev[-1]] = completed.get(ev[-1], 0) + 1
+    assert set(audio) == {"c0", "c1"}, audio  # the server labelled every packet with its context
+    assert set(completed) == {"c0", "c1"} and min(completed.values()) >= 2, completed
+    rows = (out / "turns.csv").read_text().splitlines()
+    assert rows[0].endswith(",context,others") and {r.split(",")[-2] for r in rows[1:]} == {"c0", "c1"}
