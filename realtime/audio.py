@@ -68,8 +68,11 @@ class OutputFormat:
     frame_ms: int = 20
     lead_ms: int = 1500
     bitrate: int = 32000  # Opus only; validated for every codec
+    mix: bool = False  # concurrent contexts mixed into one stream by the server (realtime/mix.py)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.mix, bool):
+            raise ValueError(f"output.mix must be true or false, got {self.mix!r}")
         if not isinstance(self.codec, str) or self.codec not in CODECS:
             raise ValueError(f"output.codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         rate = _check_int("sample_rate", self.sample_rate, 8000, 48000)
@@ -129,10 +132,14 @@ class OutputFormat:
             frame_ms=get("frame_ms", base.frame_ms),  # type: ignore[arg-type]
             lead_ms=get("lead_ms", base.lead_ms),  # type: ignore[arg-type]
             bitrate=get("bitrate", base.bitrate),  # type: ignore[arg-type]
+            mix=get("mix", base.mix),  # type: ignore[arg-type]
         )
 
     def to_wire(self) -> dict[str, object]:
-        return asdict(self)
+        wire = asdict(self)
+        if not self.mix:
+            del wire["mix"]  # only when asked for: the wire stays as it was for every other client
+        return wire
 
 
 # ---------------------------------------------------------------------------------------------------- sample codecs

@@ -17,6 +17,7 @@ state: what a turn is, sent, heard and stored lives in ``realtime.turns.TurnMach
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import hmac
 import os
@@ -31,9 +32,10 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from engine.base import EngineError, Sampling, SynthesisRequest, Synthesizer, VoiceRef
-from realtime.audio import AudioEncoder, OutputFormat, read_audio_bytes
+from realtime.audio import AudioEncoder, OutputFormat, pcm16_to_float, read_audio_bytes
 from realtime.config import ServerConfig
 from realtime.liveness import ReadProbe
+from realtime.mix import Mixer
 from realtime.metrics import Metrics
 from realtime.outbox import Close, Outbox, OutboxFull
 from realtime.turns import Finish, Job, Output, Send, Stop, Stream, Synthesize, TurnMachine, Write
@@ -174,6 +176,11 @@ class Connection:
         self._workers: dict[str, asyncio.Task[None]] = {}  # per context with work: its synthesis task
         self._current: dict[int, asyncio.Task[None]] = {}  # per turn being synthesized: the job's task
         self._encoders: dict[int, AudioEncoder] = {}  # per turn being synthesized: a resource, not turn state
+        self.mixer: Mixer | None = None  # output.mix: one stream for all contexts
+        self._mix_task: asyncio.Task[None] | None = None
+        self._mix_wake = asyncio.Event()
+        self._mix_seq = 0  # packets of the mixed stream
+        self._mix_turns: dict[int, tuple[int, ...]] = {}  # mixed packet seq -> the turns in it (until it is sent)
         self._closing = False
         self._drain_until = 0.0
         self._lost_reported = False
@@ -303,7 +310,11 @@ class Connection:
             if isinstance(out, Send):
                 self._send(out.message)
             elif isinstance(out, Stream):
-                self.outbox.put_stream(out.message)
+                if self.mixer is not None and isinstance(out.message, TurnDone):
+                    self.mixer.finish(out.message.turn, out.message)  # after the turn's last mixed frame
+                    self._mix_wake.set()
+                else:
+                    self.outbox.put_stream(out.message)
             elif isinstance(out, Stop):
                 self._stop(out.turns)
         self._poke()
@@ -321,9 +332,13 @@ class Connection:
 
     def _stop(self, turns: tuple[int, ...]) -> None:
         """Barge-in: silence now (drop queued audio, stop the engine step, drop the encoder)."""
-        self.outbox.drop_audio(set(turns))
+        if self.mixer is None:
+            self.outbox.drop_audio(set(turns))
         now = time.monotonic()
         for turn in turns:
+            if self.mixer is not None:
+                self.mixer.drop(turn)  # frames already mixed hold other voices too: they play on
+                self._mix_wake.set()
             if self.machine is not None:
                 clock = self.clocks.get(self.machine.context_of(turn))
                 if clock is not None:
@@ -390,9 +405,11 @@ class Connection:
                 self._send_started = None
             if isinstance(item, Audio):
                 assert self.machine is not None
-                ttfa_ms = self.machine.packet_sent(item.turn, time.monotonic())
-                if ttfa_ms is not None:
-                    self.gw.metrics.ttfa.observe(ttfa_ms / 1000.0)
+                now = time.monotonic()
+                for turn in self._mix_turns.pop(item.seq, ()) if self.mixer is not None else (item.turn,):
+                    ttfa_ms = self.machine.packet_sent(turn, now)
+                    if ttfa_ms is not None:
+                        self.gw.metrics.ttfa.observe(ttfa_ms / 1000.0)
                 self.gw.metrics.audio_seconds.inc(self.output.frame_ms / 1000.0)
 
     async def _watchdog(self) -> None:
@@ -534,7 +551,19 @@ class Connection:
         self.gw.metrics.sessions_open.inc()
         assert self._live is not None
         self._live.create_task(self._keep_lease(), name="lease")
+        self._configure_mix()
         self._send(self._ready(resumed=stored is not None))
+
+    def _configure_mix(self) -> None:
+        """Start (or stop) mixing as ``output.mix`` says; called between turns only."""
+        if self._mix_task is not None:
+            self._mix_task.cancel()
+            self._mix_task = None
+        self.mixer = None
+        if self.output.mix:
+            assert self._live is not None
+            self.mixer = Mixer(self.output.samples_per_frame)
+            self._mix_task = self._live.create_task(self._mix_loop(), name="mix")
 
     async def _acquire(self, session_id: str) -> bool:
         """Take the session's ownership lease. A connection that just dropped may still be storing its last
@@ -607,6 +636,7 @@ class Connection:
             self.session.speakers = [Speaker(s.speaker, s.voice) for s in msg.speakers]
         self.output, self.sampling = output, sampling
         self.machine.configure(output_frame_ms=output.frame_ms, max_frames=sampling.max_frames)
+        self._configure_mix()
         self.session.output, self.session.sampling = output.to_wire(), _sampling_to_wire(sampling)
         await self.gw.store.save_session(self.session)
         self._send(self._ready(resumed=True))
@@ -706,7 +736,9 @@ class Connection:
         machine, info = self.machine, self.gw.engine.info
         encoder = self._encoders.get(job.turn)
         if encoder is None:
-            encoder = self._encoders[job.turn] = AudioEncoder(self.output, info.sample_rate)
+            # with mix, each turn is cut into PCM frames at the output rate; the mixer encodes their sum
+            fmt = replace(self.output, codec="pcm16") if self.mixer is not None else self.output
+            encoder = self._encoders[job.turn] = AudioEncoder(fmt, info.sample_rate)
         max_frames = self.sampling.max_frames
         if job.max_samples is not None and info.frame_ms is not None:
             per_frame = round(info.frame_ms * info.sample_rate / 1000.0)
@@ -753,9 +785,47 @@ class Connection:
             msg = self.machine.packet(turn, data)
             if msg is None:  # a barge-in while this step was pacing or encoding: nothing more of it goes out
                 raise asyncio.CancelledError
-            if not self.outbox.try_put_audio(msg):
+            if self.mixer is not None:
+                self.mixer.push(turn, pcm16_to_float(data))
+                self._mix_wake.set()
+            elif not self.outbox.try_put_audio(msg):
                 await self.outbox.put_audio(msg)
             clock.sent_ms += frame_ms
+
+    async def _mix_loop(self) -> None:
+        """``output.mix``: sum the turns in flight into one stream, paced on one listener's clock. A slot waits for
+        a slower voice while the listener has more than two frames buffered, then goes without it."""
+        assert self.mixer is not None
+        mixer, fmt = self.mixer, self.output
+        clock = _PlaybackClock()
+        encoder = AudioEncoder(fmt, fmt.sample_rate)
+        while True:
+            if not mixer.pending():
+                self._mix_wake.clear()
+                await self._mix_wake.wait()
+                continue
+            ahead = clock.ahead_ms(time.monotonic())
+            if ahead > fmt.lead_ms:
+                await asyncio.sleep((ahead - fmt.lead_ms) / 1000.0)
+                continue
+            spare = ahead - 2 * fmt.frame_ms
+            if not mixer.ready() and spare > 0:
+                self._mix_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._mix_wake.wait(), spare / 1000.0)
+                continue
+            pcm, turns, dones = mixer.pop()
+            if pcm is not None:
+                for data in await self._encode(encoder.push, pcm):
+                    msg = Audio(turn=min(turns), seq=self._mix_seq, ms=round(self._mix_seq * fmt.frame_ms, 3),
+                                data=data)
+                    self._mix_turns[self._mix_seq] = turns
+                    self._mix_seq += 1
+                    if not self.outbox.try_put_audio(msg):
+                        await self.outbox.put_audio(msg)
+                    clock.sent_ms += fmt.frame_ms
+            for done in dones:
+                self.outbox.put_stream(done)
 
     # ------------------------------------------------------------------ the store
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.realtime.conftest import Client, Server, start_server
@@ -118,4 +119,27 @@ async def test_the_ninth_context_gets_limit_and_the_session_stays_usable(stub: S
     await client.send(type="cancel")
     got = await read_turns(client, done=8)
     assert sorted(m["context"] for _, m in got if m["type"] == "turn.done") == [f"npc-{i}" for i in range(8)]
+    await client.close()
+
+
+async def test_mix_gives_one_gapless_stream_as_long_as_the_overlap(stub: Server) -> None:
+    client = await Client.connect(stub.url)
+    ready = await client.start(output={"codec": "pcm16", "sample_rate": 24000, "frame_ms": 20, "mix": True})
+    assert ready["output"]["mix"] is True
+    await say(client, "long", 0, "A long line that keeps going for quite a while, well past the other one. " * 2)
+    await say(client, "short", 1, "A short one.")
+    got = [m for _, m in await read_turns(client, done=2)]
+    audio = [m for m in got if m["type"] == "audio"]
+    done = {m["context"]: m for m in got if m["type"] == "turn.done"}
+    assert all("context" not in a for a in audio)  # one stream
+    assert [a["seq"] for a in audio] == list(range(len(audio)))  # one seq, no gaps
+    assert [a["ms"] for a in audio] == [20.0 * i for i in range(len(audio))]
+    frames = {ctx: d["frames"] for ctx, d in done.items()}
+    print(f"\nmixed stream: {len(audio)} packets for turns of {frames['long']} and {frames['short']} frames")
+    assert done["long"]["reason"] == done["short"]["reason"] == "complete"
+    assert frames["long"] <= len(audio) <= frames["long"] + 5  # the overlap's length, not the sum
+    assert frames["short"] > 10
+    pcm = np.frombuffer(b"".join(a["data"] for a in audio), dtype="<i2").astype(np.float32) / 32768
+    per_packet = pcm[: len(audio) * 480].reshape(len(audio), 480)
+    assert np.sqrt((per_packet[:-1] ** 2).mean(axis=1)).min() > 0.005  # no silent gap inside the stream
     await client.close()
