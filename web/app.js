@@ -1,14 +1,16 @@
-// The voice chat page: wires the protocol connection, the player, the microphone and the page together, and
-// exposes `window.shoal` for automation (say / cancel / stats).
+// The voice chat page: wires the protocol connection, the player, the microphone, the scene and the page together,
+// and exposes `window.shoal` for automation (say / cancel / stats / scene).
 //
 // Page address options: ?session=ID resumes a session (the page keeps it there, so a reload resumes),
 // ?token=KEY for a server started with --api-key, ?wire=json for JSON text frames instead of msgpack,
-// ?codec=pcm16 to skip WebCodecs and take PCM16 (what a browser without WebCodecs Opus gets anyway).
+// ?codec=pcm16 to skip WebCodecs and take PCM16 (what a browser without WebCodecs Opus gets anyway),
+// ?mode=scene to open in scene mode.
 
 import { Connection } from "./connection.js";
 import { FRAME_MS, Mic, Recorder, SpeechDetector, levelDb } from "./mic.js";
 import { JITTER_MAX_MS, JITTER_TARGET_MS, Player, opusSupported } from "./player.js";
 import { MAX_SPEAKER, MAX_SPEAKERS } from "./protocol.js";
+import { MAX_CHARACTERS, Scene } from "./scene.js";
 import { Transcript } from "./transcript.js";
 
 const $ = (id) => document.getElementById(id);
@@ -29,13 +31,14 @@ const state = {
   serverTurns: 0,
   expectReady: "start", // what the next session.ready answers: "start" or "update"
   maxTurn: -1, // highest turn index seen
-  active: new Map(), // turn -> {speaker, t0, firstAudioMs, pending}
+  active: new Map(), // turn -> {speaker, context, t0, firstAudioMs, pending}
   queued: new Set(), // turns asked for, not yet being sent (behind a turn streamed token by token)
-  waiting: [], // turns sent, turn.started not yet received: {text, speaker, t0, resolve, sent, cancelled}
+  waiting: [], // turns sent, turn.started not yet received: {text, speaker, context, t0, resolve, sent, cancelled}
   streaming: null, // {aborted} while a turn is being sent token by token
   sendChain: Promise.resolve(),
   turnsDone: 0,
   lastDone: null,
+  contextDone: {}, // context -> its last turn.done ("" for the default context)
   clientTtfaMs: null,
   bargeIns: 0,
   playbackReports: [], // the last playback messages sent: {turn, played_ms}
@@ -50,10 +53,19 @@ const state = {
 const player = new Player({
   targetMs: JITTER_TARGET_MS,
   maxMs: JITTER_MAX_MS,
-  onStatus: (status) => transcript.highlight(status.turn, status.playedMs, status.state === "playing"),
+  onStatus: (status) => {
+    const playing = Object.values(status.lanes ?? {}).filter((l) => l.state === "playing" && l.turn !== null);
+    transcript.highlight(playing.map((l) => ({ turn: l.turn, playedMs: l.playedMs })));
+    scene.update(status, transcript);
+  },
   onError: (text) => log(text, "error"),
 });
 const transcript = new Transcript($("transcript"), { speakerLabel: speakerLabel });
+const scene = new Scene($("cast"), {
+  onSay: (character) => sayLine(character),
+  onStop: (character) => cancel("stop", character.context),
+  speakerLabel: speakerLabel,
+});
 let codec = "opus";
 let conn = null;
 
@@ -112,7 +124,7 @@ async function onReady(msg) {
   if (msg.speakers.length) state.speakers = msg.speakers.map((s) => ({ speaker: s.speaker, voice: s.voice ?? null }));
   state.confirmedSpeakers = state.speakers;
   if (answer === "start") {
-    if (state.session !== msg.session) player.minTurn = 0; // a new session: turn numbers start again
+    if (state.session !== msg.session) player.restart(); // a new session: turn numbers start again
     state.session = msg.session;
     state.resumed = msg.resumed;
     state.serverTurns = msg.turns;
@@ -135,11 +147,18 @@ async function onReady(msg) {
 }
 
 function onTurnStarted(msg) {
+  const context = msg.context ?? "";
   state.maxTurn = Math.max(state.maxTurn, msg.turn);
-  const pending = state.waiting.shift() ?? null;
-  if (pending?.cancelled) player.minTurn = Math.max(player.minTurn, msg.turn + 1); // stopped before it began
-  state.active.set(msg.turn, { speaker: msg.speaker, t0: pending?.t0 ?? performance.now(), firstAudioMs: null, pending });
-  transcript.startTurn(msg.turn, msg.speaker, pending?.text ?? "");
+  const at = state.waiting.findIndex((p) => p.context === context); // turns of one context start in order
+  const pending = at >= 0 ? state.waiting.splice(at, 1)[0] : null;
+  if (pending?.cancelled) {
+    // stopped before it began: drop its audio
+    const lane = player.lane(context);
+    lane.minTurn = Math.max(lane.minTurn, msg.turn + 1);
+  }
+  state.active.set(msg.turn, { speaker: msg.speaker, context, t0: pending?.t0 ?? performance.now(), firstAudioMs: null, pending });
+  transcript.startTurn(msg.turn, msg.speaker, pending?.text ?? "", context);
+  scene.startTurn(context, msg.turn);
 }
 
 function onAudio(msg) {
@@ -154,12 +173,13 @@ function onAudio(msg) {
 function onTurnDone(msg) {
   const turn = state.active.get(msg.turn);
   state.active.delete(msg.turn);
-  player.endTurn(msg.turn);
+  player.endTurn(msg.turn, msg.context ?? "");
   state.turnsDone += 1;
   state.serverTurns = Math.max(state.serverTurns, msg.turn + 1);
   state.lastDone = msg;
+  state.contextDone[msg.context ?? ""] = msg;
   transcript.done(msg.turn, msg, turn?.firstAudioMs ?? null);
-  log(`turn ${msg.turn} ${msg.reason}: ${(msg.audio_ms / 1000).toFixed(2)} s in ${msg.frames} packets, TTFA ${fmtMs(msg.ttfa_ms)}`);
+  log(`turn ${msg.turn}${msg.context ? ` (${msg.context})` : ""} ${msg.reason}: ${(msg.audio_ms / 1000).toFixed(2)} s in ${msg.frames} packets, TTFA ${fmtMs(msg.ttfa_ms)}`);
   turn?.pending?.resolve?.(msg);
 }
 
@@ -190,7 +210,7 @@ function onClose(event) {
   state.ready = false;
   // turns in flight are over: the server stores them cut at what it had sent
   for (const [turn, info] of state.active) {
-    player.endTurn(turn);
+    player.endTurn(turn, info.context);
     info.pending?.resolve?.({ type: "turn.done", turn, reason: "disconnected" });
   }
   for (const pending of state.waiting) pending.resolve?.({ type: "turn.done", turn: null, reason: "disconnected" });
@@ -217,20 +237,26 @@ function currentSpeaker() {
   return Number($("speaker").value || 0);
 }
 
-/** Send one whole turn; resolves with its turn.done (reason "disconnected" if the connection drops first). */
-function say(text, speaker = currentSpeaker(), { tokens = false } = {}) {
+/**
+ * Send one whole turn; resolves with its turn.done (reason "disconnected" if the connection drops first). With
+ * `context` the turn is spoken in that context, at once, beside the turns of other contexts (scene mode); without,
+ * in the default context, one turn at a time on the wire (a turn streamed token by token finishes sending first).
+ */
+function say(text, speaker = currentSpeaker(), { tokens = false, context = "" } = {}) {
   if (typeof text !== "string" || !text.trim()) return Promise.reject(new Error("nothing to say"));
   if (!state.ready || !conn.open) return Promise.reject(new Error("not connected"));
   player.resume();
-  const pending = { text, speaker, t0: 0, sent: false, cancelled: false };
+  const pending = { text, speaker, context, t0: 0, sent: false, cancelled: false };
   const done = new Promise((resolve) => (pending.resolve = resolve));
   state.queued.add(pending);
-  // one turn at a time on the wire: a turn streamed token by token finishes sending before the next begins
-  state.sendChain = state.sendChain.then(() => sendTurn(pending, tokens)).catch((exc) => {
+  const failed = (exc) => {
     log(`could not send: ${exc.message}`, "error");
     showBanner(exc.message);
+    state.waiting = state.waiting.filter((p) => p !== pending);
     pending.resolve({ type: "turn.done", turn: null, reason: "error" });
-  });
+  };
+  if (context) sendTurn(pending, tokens).catch(failed);
+  else state.sendChain = state.sendChain.then(() => sendTurn(pending, tokens)).catch(failed);
   return done;
 }
 
@@ -239,12 +265,13 @@ async function sendTurn(pending, tokens) {
   if (pending.cancelled || !conn.open) {
     return pending.resolve({ type: "turn.done", turn: null, reason: pending.cancelled ? "cancelled" : "disconnected" });
   }
+  const context = pending.context ? { context: pending.context } : {};
   state.waiting.push(pending);
   pending.t0 = performance.now();
   if (!tokens) {
-    conn.send({ type: "text", text: pending.text, speaker: pending.speaker });
+    conn.send({ type: "text", text: pending.text, speaker: pending.speaker, ...context });
     pending.sent = true;
-    conn.send({ type: "turn.end" });
+    conn.send({ type: "turn.end", ...context });
     return;
   }
   const stream = (state.streaming = { aborted: false });
@@ -254,10 +281,10 @@ async function sendTurn(pending, tokens) {
       if (stream.aborted) break;
       if (i) await sleep(TOKEN_MS);
       if (stream.aborted) break;
-      conn.send({ type: "text", text: words[i], speaker: pending.speaker });
+      conn.send({ type: "text", text: words[i], speaker: pending.speaker, ...context });
       pending.sent = true;
     }
-    if (!stream.aborted) conn.send({ type: "turn.end" });
+    if (!stream.aborted) conn.send({ type: "turn.end", ...context });
   } finally {
     if (state.streaming === stream) state.streaming = null;
   }
@@ -268,33 +295,62 @@ async function sendTurn(pending, tokens) {
   }
 }
 
-function somethingToStop() {
+/** Scene mode: one character's line, in its own context. */
+function sayLine(character) {
+  if (!character.text.trim()) return Promise.resolve(null);
+  if (!state.ready) {
+    showBanner("Not connected yet: say it again once connected.");
+    return Promise.resolve(null);
+  }
+  return say(character.text, character.speaker, { context: character.context });
+}
+
+/** Scene mode: every character's line at once; resolves with their turn.done messages, in character order. */
+function playScene() {
+  return Promise.all(scene.characters.map((c) => sayLine(c)));
+}
+
+function somethingToStop(context = null) {
+  const mine = (x) => context === null || x.context === context;
+  const lanes = player.status.lanes ?? {};
+  const audible = context === null ? player.status.state !== "idle" : (lanes[context]?.state ?? "idle") !== "idle";
   return (
-    state.active.size > 0 || state.waiting.length > 0 || state.queued.size > 0 || state.streaming !== null ||
-    player.status.state !== "idle"
+    [...state.active.values()].some(mine) || state.waiting.some(mine) || [...state.queued].some(mine) ||
+    (context === null && state.streaming !== null) || audible
   );
 }
 
-/** Barge-in: stop the voice now, tell the server, report how much of each turn was heard. */
-async function cancel(source = "stop") {
+/**
+ * Barge-in: stop the voice now, tell the server, report how much of each turn was heard. Without `context` every
+ * context stops (`cancel`, then a `playback` per turn); with one, only that context (scene mode's per-character
+ * Stop): its lane is silenced first, then `playback` reports what its listener heard, then `cancel {context}`.
+ */
+async function cancel(source = "stop", context = null) {
+  if (context === "") context = null; // the protocol's cancel without a context stops every context
   player.resume();
-  if (!somethingToStop()) return false;
-  if (state.streaming) state.streaming.aborted = true;
-  for (const pending of [...state.waiting, ...state.queued]) pending.cancelled = true;
-  const turns = new Set(state.active.keys());
-  const playingTurn = player.status.state !== "idle" ? player.status.turn : null;
-  if (playingTurn !== null) turns.add(playingTurn);
-  if (conn.open) conn.send({ type: "cancel" });
-  const played = await player.clear(state.maxTurn + 1);
-  for (const turn of [...turns].sort((a, b) => a - b)) {
+  if (!somethingToStop(context)) return false;
+  const mine = (x) => context === null || x.context === context;
+  if (context === null && state.streaming) state.streaming.aborted = true;
+  for (const pending of [...state.waiting, ...state.queued]) if (mine(pending)) pending.cancelled = true;
+  const turns = new Map(); // turn -> context
+  for (const [turn, info] of state.active) if (mine(info)) turns.set(turn, info.context);
+  for (const [lane, info] of Object.entries(player.status.lanes ?? {})) {
+    if (info.state !== "idle" && info.turn !== null && (context === null || lane === context)) turns.set(info.turn, lane);
+  }
+  if (context === null && conn.open) conn.send({ type: "cancel" });
+  const played = await player.clear(state.maxTurn + 1, context);
+  for (const [turn, ctx] of [...turns].sort((a, b) => a[0] - b[0])) {
     const ms = Math.round((played[turn] ?? 0) * 10) / 10;
-    if (conn.open && conn.send({ type: "playback", turn, played_ms: ms })) {
-      state.playbackReports = [...state.playbackReports.slice(-9), { turn, played_ms: ms }];
+    const report = { type: "playback", turn, played_ms: ms, ...(ctx ? { context: ctx } : {}) };
+    if (conn.open && conn.send(report)) {
+      state.playbackReports = [...state.playbackReports.slice(-9), { turn, played_ms: ms, context: ctx }];
     }
     transcript.cut(turn, ms);
   }
+  if (context !== null && conn.open) conn.send({ type: "cancel", ...(context ? { context } : {}) });
   if (source === "voice") state.bargeIns += 1;
-  log(`stopped (${source})${turns.size ? `: heard ${[...turns].map((t) => `turn ${t} ${fmtMs(played[t] ?? 0)}`).join(", ")}` : ""}`);
+  const heard = [...turns.keys()].map((t) => `turn ${t} ${fmtMs(played[t] ?? 0)}`).join(", ");
+  log(`stopped${context ? ` ${context}` : ""} (${source})${turns.size ? `: heard ${heard}` : ""}`);
   return true;
 }
 
@@ -343,6 +399,7 @@ function renderSpeakers() {
     }),
   );
   $("add-speaker").disabled = state.speakers.length >= MAX_SPEAKERS;
+  scene.setSpeakers(state.speakers.map((s) => s.speaker));
 }
 
 function updateSpeakers(speakers) {
@@ -561,12 +618,35 @@ function renderStats() {
   $("st-ttfa").textContent = fmtMs(s.ttfaMs);
   $("st-client-ttfa").textContent = fmtMs(s.clientTtfaMs);
   $("st-packets").textContent = String(s.packetsDecoded);
+  $("st-mixed").textContent = s.mixedMs > 0 ? `${(s.mixedMs / 1000).toFixed(1)} s` : "—";
+  renderContexts(s.contexts);
+  scene.updateCounters(s.contexts);
   $("st-buffer").textContent = `${Math.round(s.bufferMs)} ms`;
   $("st-buffer-bar").style.width = `${Math.min(100, (s.bufferMs / 2000) * 100)}%`;
   $("st-underruns").textContent = String(s.underruns);
   $("st-bitrate").textContent = s.bitrateKbps ? `${s.bitrateKbps.toFixed(1)} kbit/s` : "—";
   $("st-turns").textContent = String(s.turnsDone);
   $("st-reason").textContent = s.reason ?? "—";
+}
+
+/** The per-context table of the stats panel: shown once a named context (scene mode) has played. */
+function renderContexts(contexts) {
+  const names = Object.keys(contexts).sort();
+  const table = $("st-contexts");
+  table.hidden = !names.some((n) => n !== "");
+  if (table.hidden) return;
+  table.tBodies[0].replaceChildren(
+    ...names.map((name) => {
+      const c = contexts[name];
+      const tr = document.createElement("tr");
+      for (const value of [name || "default", c.packetsDecoded, c.underruns, `${Math.round(c.bufferMs)} ms`]) {
+        const td = document.createElement("td");
+        td.textContent = String(value);
+        tr.append(td);
+      }
+      return tr;
+    }),
+  );
 }
 
 /** The stats panel's numbers (and a little more), for people and for tests. */
@@ -589,6 +669,16 @@ function stats() {
     droppedMs: st.droppedMs,
     playback: st.state, // idle | filling | playing
     playedMs: Object.values(st.played ?? {}).reduce((a, b) => a + b, 0),
+    mixedMs: st.mixedMs ?? 0, // time two or more contexts were heard at once (summed into one output)
+    clippedMs: st.clippedMs ?? 0, // samples of that mix clipped to [-1, 1]
+    // per context ("" is the default one): packetsReceived, packetsDecoded, decodeErrors, bufferMs, underruns,
+    // playbackStarts, droppedMs, playback, turn, playedMs, and its last turn.done as `done` {turn, reason, frames, audio_ms}
+    contexts: Object.fromEntries(
+      Object.entries(player.contextStats()).map(([name, c]) => {
+        const d = state.contextDone[name];
+        return [name, { ...c, done: d ? { turn: d.turn, reason: d.reason, frames: d.frames, audio_ms: d.audio_ms } : null }];
+      }),
+    ),
     bitrateKbps: player.bitrateKbps,
     turnsDone: state.turnsDone,
     reason: state.lastDone?.reason ?? null,
@@ -596,6 +686,20 @@ function stats() {
     playbackReports: state.playbackReports,
     errors: state.errors.map((e) => ({ code: e.code, message: e.message, fatal: e.fatal })),
   };
+}
+
+/** Chat (one composer, the default context) or scene (characters, a context each). */
+function setMode(mode) {
+  const isScene = mode === "scene";
+  $("tab-chat").setAttribute("aria-selected", String(!isScene));
+  $("tab-scene").setAttribute("aria-selected", String(isScene));
+  $("composer").hidden = isScene;
+  $("scene").hidden = !isScene;
+  document.body.dataset.mode = mode;
+  const url = new URL(location.href);
+  if (isScene) url.searchParams.set("mode", "scene");
+  else url.searchParams.delete("mode");
+  history.replaceState(null, "", url);
 }
 
 function insertTag(tag) {
@@ -644,6 +748,19 @@ async function main() {
   });
   document.addEventListener("pointerdown", () => player.resume());
   $("stop").addEventListener("click", () => cancel("stop"));
+  $("scene-stop").addEventListener("click", () => cancel("stop"));
+  $("play-scene").addEventListener("click", () => {
+    player.resume();
+    playScene();
+  });
+  $("add-character").addEventListener("click", () => {
+    scene.add();
+    $("add-character").disabled = scene.characters.length >= MAX_CHARACTERS;
+  });
+  $("cast").addEventListener("click", () => ($("add-character").disabled = scene.characters.length >= MAX_CHARACTERS));
+  $("tab-chat").addEventListener("click", () => setMode("chat"));
+  $("tab-scene").addEventListener("click", () => setMode("scene"));
+  setMode(params.get("mode") === "scene" ? "scene" : "chat");
   $("tags").addEventListener("click", (event) => {
     const tag = event.target.closest("button")?.dataset.tag;
     if (tag) insertTag(tag);
@@ -661,6 +778,7 @@ async function main() {
     state.session = null;
     state.speakers = [{ speaker: 0, voice: null }, { speaker: 1, voice: null }];
     state.maxTurn = -1;
+    state.contextDone = {};
     transcript.session = null;
     transcript.clear();
     player.clear(0); // silence now; the new session's session.ready resets the turn numbering
@@ -687,8 +805,15 @@ async function main() {
 
 window.shoal = {
   say,
-  cancel: () => cancel("api"),
+  cancel: (context = null) => cancel("api", context),
   stats,
+  scene: {
+    play: playScene, // every character's line at once -> [turn.done, ...]
+    say: (i) => sayLine(scene.characters[i]), // one character's line -> its turn.done
+    stop: (i) => cancel("api", scene.characters[i].context), // one character's barge-in
+    characters: () => scene.characters.map(({ context, name, speaker, text, turn }) => ({ context, name, speaker, text, turn })),
+    mode: setMode,
+  },
 };
 
 main().catch((exc) => {

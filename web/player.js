@@ -5,6 +5,10 @@
 // stream's sample rate. Each turn is a fresh Opus stream on the server, so the decoder is flushed at the end of a
 // turn (its last samples reach the buffer before the turn's end marker) and reset on barge-in (queued packets are
 // dropped at once). Decoded audio is tagged with its turn through the chunk timestamp.
+//
+// Concurrent contexts: each context's turns are separate Opus streams from separate encoders on the server, so each
+// context gets its own AudioDecoder, and its PCM goes to its own lane (jitter buffer) in the worklet, which mixes the
+// lanes. The default context is the lane "". Barge-in clears one lane (one context) or all of them.
 
 export const JITTER_TARGET_MS = 120; // start (and restart after an underrun) once this much audio is queued
 export const JITTER_MAX_MS = 6000; // beyond this the oldest audio is dropped (server lead_ms is 1500 by default)
@@ -31,9 +35,10 @@ export class Player {
     this.ctx = null;
     this.node = null;
     this.output = null; // the session's output settings (codec, sample_rate, ...)
-    this.decoder = null;
     this.minTurn = 0; // audio of earlier turns is dropped (they were cancelled)
-    this.status = { bufferMs: 0, underruns: 0, starts: 0, droppedMs: 0, state: "idle", turn: null, playedMs: 0, played: {} };
+    this.lanes = new Map(); // context -> {decoder, minTurn, packetsReceived, packetsDecoded, decodeErrors}
+    this.status = { bufferMs: 0, underruns: 0, starts: 0, droppedMs: 0, state: "idle", turn: null, playedMs: 0, played: {},
+      mixedMs: 0, clippedMs: 0, lanes: {} };
     this.packetsReceived = 0;
     this.packetsDecoded = 0;
     this.bytesReceived = 0;
@@ -58,7 +63,7 @@ export class Player {
       this.node.port.onmessage = (event) => this._onWorklet(event.data);
       this.node.connect(this.ctx.destination);
     }
-    this._resetDecoder();
+    for (const context of this.lanes.keys()) this._resetDecoder(context);
     this.resume();
   }
 
@@ -71,81 +76,117 @@ export class Player {
     return this.ctx;
   }
 
-  _resetDecoder() {
-    if (this.decoder !== null && this.decoder.state !== "closed") this.decoder.close();
-    this.decoder = null;
-    if (this.output === null || this.output.codec !== "opus") return;
-    this.decoder = new AudioDecoder({
-      output: (data) => this._onDecoded(data),
-      error: (exc) => {
-        this.decodeErrors += 1;
-        this.onError(`Opus decoder: ${exc.message}`);
-        this._resetDecoder(); // a closed decoder stays closed: make a new one for the packets to come
-      },
-    });
-    this.decoder.configure({ codec: "opus", sampleRate: this.output.sample_rate, numberOfChannels: 1 });
+  /** The per-context state (created on first use): its decoder, the turns it drops, its counters. */
+  lane(context = "") {
+    let lane = this.lanes.get(context);
+    if (lane === undefined) {
+      lane = { decoder: null, minTurn: 0, packetsReceived: 0, packetsDecoded: 0, decodeErrors: 0 };
+      this.lanes.set(context, lane);
+    }
+    return lane;
   }
 
-  /** One `audio` message from the server. */
+  _resetDecoder(context) {
+    const lane = this.lane(context);
+    if (lane.decoder !== null && lane.decoder.state !== "closed") lane.decoder.close();
+    lane.decoder = null;
+    if (this.output === null || this.output.codec !== "opus") return;
+    const decoder = new AudioDecoder({
+      output: (data) => this._onDecoded(context, data),
+      error: (exc) => {
+        this.decodeErrors += 1;
+        lane.decodeErrors += 1;
+        this.onError(`Opus decoder${context ? ` (${context})` : ""}: ${exc.message}`);
+        if (lane.decoder === decoder) this._resetDecoder(context); // a closed decoder stays closed: a new one
+      },
+    });
+    decoder.configure({ codec: "opus", sampleRate: this.output.sample_rate, numberOfChannels: 1 });
+    lane.decoder = decoder;
+  }
+
+  _drops(context, turn) {
+    return turn < this.minTurn || turn < this.lane(context).minTurn;
+  }
+
+  /** One `audio` message from the server (its `context` picks the decoder and the lane). */
   push(msg) {
-    if (msg.turn < this.minTurn || this.output === null) return;
+    const context = msg.context ?? "";
+    if (this._drops(context, msg.turn) || this.output === null) return;
+    const lane = this.lane(context);
     this.packetsReceived += 1;
+    lane.packetsReceived += 1;
     this.bytesReceived += msg.data.byteLength;
     this.audioMsReceived += this.output.frame_ms;
     const codec = this.output.codec;
     if (codec === "opus") {
-      if (this.decoder === null || this.decoder.state !== "configured") this._resetDecoder();
+      if (lane.decoder === null || lane.decoder.state !== "configured") this._resetDecoder(context);
       const timestamp = msg.turn * TURN_US + TURN_US / 2 + Math.round(msg.ms * 1000);
-      this.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp, data: msg.data }));
+      lane.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp, data: msg.data }));
     } else {
       const pcm = codec === "pcm16" ? pcm16ToFloat(msg.data) : mulawToFloat(msg.data);
       this.packetsDecoded += 1;
-      this._post(msg.turn, pcm);
+      lane.packetsDecoded += 1;
+      this._post(context, msg.turn, pcm);
     }
   }
 
-  _onDecoded(data) {
+  _onDecoded(context, data) {
     const turn = Math.floor(data.timestamp / TURN_US);
     try {
-      if (turn < this.minTurn) return;
+      if (this._drops(context, turn)) return;
       const pcm = new Float32Array(data.numberOfFrames);
       data.copyTo(pcm, { planeIndex: 0, format: "f32-planar" });
       this.packetsDecoded += 1;
-      this._post(turn, pcm);
+      this.lane(context).packetsDecoded += 1;
+      this._post(context, turn, pcm);
     } finally {
       data.close();
     }
   }
 
-  _post(turn, pcm) {
-    this.node.port.postMessage({ type: "samples", turn, data: pcm }, [pcm.buffer]);
+  _post(context, turn, pcm) {
+    this.node.port.postMessage({ type: "samples", lane: context, turn, data: pcm }, [pcm.buffer]);
   }
 
   /** The server finished the turn (`turn.done`): once its last samples are in the buffer, mark its end. */
-  async endTurn(turn) {
-    if (this.decoder !== null && this.decoder.state === "configured") {
+  async endTurn(turn, context = "") {
+    const decoder = this.lane(context).decoder;
+    if (decoder !== null && decoder.state === "configured") {
       try {
-        await this.decoder.flush();
+        await decoder.flush();
       } catch {
         return; // reset by a barge-in meanwhile: clear() has ended the turn
       }
     }
-    this.node?.port.postMessage({ type: "end", turn });
+    this.node?.port.postMessage({ type: "end", lane: context, turn });
   }
 
   /**
-   * Barge-in: silence within one render quantum, drop queued packets and audio of turns before `nextTurn`.
-   * Resolves with {turn: ms actually played} for the turns played so far.
+   * Barge-in: silence within one render quantum, drop queued packets and audio of turns before `nextTurn`, of
+   * `context` only (a string) or of every context (null). Resolves with {turn: ms actually played} for the turns
+   * played so far.
    */
-  clear(nextTurn) {
-    this.minTurn = Math.max(this.minTurn, nextTurn);
-    this._resetDecoder();
+  clear(nextTurn, context = null) {
+    if (context === null) {
+      this.minTurn = Math.max(this.minTurn, nextTurn);
+      for (const name of this.lanes.keys()) this._resetDecoder(name);
+    } else {
+      const lane = this.lane(context);
+      lane.minTurn = Math.max(lane.minTurn, nextTurn);
+      this._resetDecoder(context);
+    }
     if (this.node === null) return Promise.resolve({});
     const id = ++this._clearId;
     return new Promise((resolve) => {
       this._clears.set(id, resolve);
-      this.node.port.postMessage({ type: "clear", id });
+      this.node.port.postMessage(context === null ? { type: "clear", id } : { type: "clear", id, lane: context });
     });
+  }
+
+  /** A new session: turn numbers start again, in every context. */
+  restart() {
+    this.minTurn = 0;
+    for (const lane of this.lanes.values()) lane.minTurn = 0;
   }
 
   _onWorklet(msg) {
@@ -157,6 +198,27 @@ export class Player {
       this._clears.delete(msg.id);
       resolve?.(msg.played);
     }
+  }
+
+  /** Per-context numbers: the decoder's counters with the worklet lane's. */
+  contextStats() {
+    const out = {};
+    for (const [context, lane] of this.lanes) {
+      const st = this.status.lanes?.[context];
+      out[context] = {
+        packetsReceived: lane.packetsReceived,
+        packetsDecoded: lane.packetsDecoded,
+        decodeErrors: lane.decodeErrors,
+        bufferMs: st?.bufferMs ?? 0,
+        underruns: st?.underruns ?? 0,
+        playbackStarts: st?.starts ?? 0,
+        droppedMs: st?.droppedMs ?? 0,
+        playback: st?.state ?? "idle",
+        turn: st?.turn ?? null,
+        playedMs: st?.playedMs ?? 0,
+      };
+    }
+    return out;
   }
 
   /** Average bitrate of the audio received so far, in kbit/s. */

@@ -1,5 +1,6 @@
 // The conversation as the user sees it: one entry per turn, its text cut into the segments the server announced,
-// the segment being heard highlighted. Kept in localStorage per session, so a reload shows the history again.
+// the segment being heard highlighted (one per context playing at once). Kept in localStorage per session, so a
+// reload shows the history again.
 
 const STORE_PREFIX = "shoal.transcript.";
 const MAX_TURNS = 500;
@@ -27,7 +28,7 @@ export class Transcript {
     this.speakerLabel = speakerLabel;
     this.session = null;
     this.turns = new Map(); // turn -> entry
-    this.playing = { turn: null, index: -1 };
+    this.playing = new Map(); // turn -> index of the segment being heard
   }
 
   /** Show the stored history of `session` (serverTurns: how many turns the server has stored; serverHistory: the
@@ -81,8 +82,8 @@ export class Transcript {
     }
   }
 
-  startTurn(turn, speaker, sent = "") {
-    const entry = { turn, speaker, sent, segments: [], reason: null, ttfaMs: null, clientTtfaMs: null, audioMs: null, heardMs: null };
+  startTurn(turn, speaker, sent = "", context = "") {
+    const entry = { turn, speaker, context, sent, segments: [], reason: null, ttfaMs: null, clientTtfaMs: null, audioMs: null, heardMs: null };
     this.turns.set(turn, entry);
     this.list.append(this.render(entry));
     this.scroll();
@@ -125,18 +126,28 @@ export class Transcript {
     this.save();
   }
 
-  /** Highlight the segment playing now (from the player's status). */
-  highlight(turn, playedMs, playing) {
-    let index = -1;
-    const entry = playing ? this.turns.get(turn) : undefined;
-    if (entry) {
-      for (let i = 0; i < entry.segments.length; i++) if (entry.segments[i].ms <= playedMs) index = i;
+  /** The entry of `turn` (undefined if this page does not know it). */
+  entry(turn) {
+    return this.turns.get(turn);
+  }
+
+  /** Highlight the segments playing now (from the player's status): `playing` lists {turn, playedMs}, one per
+   * context that is audible. */
+  highlight(playing) {
+    const now = new Map();
+    for (const { turn, playedMs } of playing) {
+      const entry = this.turns.get(turn);
+      if (entry) now.set(turn, segmentAt(entry, playedMs));
     }
-    if (this.playing.turn === (entry ? turn : null) && this.playing.index === index) return;
-    const before = this.turns.get(this.playing.turn);
-    this.playing = { turn: entry ? turn : null, index };
-    if (before) this.markPlaying(before, -1);
-    if (entry) this.markPlaying(entry, index);
+    for (const [turn, index] of this.playing) {
+      if (now.get(turn) === index) continue;
+      const entry = this.turns.get(turn);
+      if (entry && !now.has(turn)) this.markPlaying(entry, -1);
+    }
+    for (const [turn, index] of now) {
+      if (this.playing.get(turn) !== index) this.markPlaying(this.turns.get(turn), index);
+    }
+    this.playing = now;
   }
 
   markPlaying(entry, index) {
@@ -152,7 +163,7 @@ export class Transcript {
     const old = entry.el;
     const el = this.render(entry);
     old?.replaceWith(el);
-    if (this.playing.turn === entry.turn) this.markPlaying(entry, this.playing.index);
+    if (this.playing.has(entry.turn)) this.markPlaying(entry, this.playing.get(entry.turn));
     this.scroll();
   }
 
@@ -161,6 +172,7 @@ export class Transcript {
     li.className = `turn spk-${entry.speaker % 8}`;
     li.dataset.turn = entry.turn;
     li.dataset.speaker = entry.speaker;
+    if (entry.context) li.dataset.context = entry.context;
     const meta = document.createElement("div");
     meta.className = "meta";
     const who = document.createElement("span");
@@ -169,7 +181,15 @@ export class Transcript {
     const info = document.createElement("span");
     info.className = "info";
     info.textContent = describe(entry);
-    meta.append(who, info);
+    meta.append(who);
+    if (entry.context) {
+      const context = document.createElement("span");
+      context.className = "context";
+      context.textContent = entry.context;
+      context.title = "the context this turn was spoken in (scene mode)";
+      meta.append(context);
+    }
+    meta.append(info);
     const p = document.createElement("p");
     p.className = "text";
     if (entry.segments.length) {
@@ -204,6 +224,13 @@ export class Transcript {
   scroll() {
     this.list.scrollTop = this.list.scrollHeight;
   }
+}
+
+/** Index of the segment being heard `ms` into the turn (-1 before the first). */
+export function segmentAt(entry, ms) {
+  let index = -1;
+  for (let i = 0; i < entry.segments.length; i++) if (entry.segments[i].ms <= ms) index = i;
+  return index;
 }
 
 // the part of the text this page sent that no segment covers (the server cuts segments out of it in order)

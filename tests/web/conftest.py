@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,33 @@ class ShoalPage:
     def errors(self) -> list[str]:
         """Console errors and uncaught exceptions (a favicon or source map 404 would count too)."""
         return [line for line in self.console if line.startswith(("error:", "pageerror:"))]
+
+
+# The widths every screenshot test is taken at: a desktop window and a phone (at 2x, as phones render).
+VIEWPORTS = pytest.mark.parametrize(
+    ("name", "viewport"), [("desktop", {"width": 1280, "height": 860}), ("phone", {"width": 390, "height": 844})]
+)
+
+
+@contextmanager
+def sized_page(browser: Any, server: Server, name: str, viewport: dict[str, int]) -> Iterator[ShoalPage]:
+    """A tab of its own at a screenshot test's viewport (closed afterwards)."""
+    context = browser.new_context(viewport=viewport, device_scale_factor=2 if name == "phone" else 1)
+    try:
+        yield ShoalPage(context.new_page(), server)
+    finally:
+        context.close()
+
+
+def screenshot(page: ShoalPage, filename: str) -> Path:
+    """Save the whole page under artifacts/web/ and check that it does not scroll sideways at this width."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / filename
+    page.page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    width = page.page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"the page scrolls sideways at {width[1]} px: {width}"
+    return path
 
 
 def _artifact_name(nodeid: str) -> str:

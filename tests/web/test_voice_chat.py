@@ -11,10 +11,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.realtime.conftest import Server, start_server
-from tests.web.conftest import ARTIFACTS, ShoalPage
+from tests.web.conftest import VIEWPORTS, ShoalPage, screenshot, sized_page
 
 LONG = " ".join(["This sentence goes on for a while, so that there is plenty of speech left to interrupt."] * 6)
 
@@ -250,25 +248,14 @@ def test_reconnects_after_the_server_restarts_and_resumes(shoal_page: ShoalPage,
         server.stop(signal.SIGTERM)
 
 
-@pytest.mark.parametrize(
-    ("name", "viewport"), [("desktop", {"width": 1280, "height": 860}), ("phone", {"width": 390, "height": 844})]
-)
+@VIEWPORTS
 def test_screenshot(browser: Any, web_server: Server, name: str, viewport: dict[str, int]) -> None:
-    context = browser.new_context(viewport=viewport, device_scale_factor=2 if name == "phone" else 1)
-    try:
-        page = ShoalPage(context.new_page(), web_server)
+    with sized_page(browser, web_server, name, viewport) as page:
         page.open()
         page.page.evaluate("shoal.say('Hi! [excited] Welcome to Shoal. Type a line and I will say it.', 0)")
         page.page.evaluate("shoal.say('[whisper] And I am the second voice. Press Escape to interrupt us.', 1)")
         page.wait_for("document.querySelectorAll('#transcript .seg.playing').length === 1")
         page.page.wait_for_timeout(300)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        path = ARTIFACTS / f"voice-chat-{name}.png"
-        page.page.screenshot(path=str(path), full_page=True)
-        assert path.stat().st_size > 10_000
-        width = page.page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
-        assert width[0] <= width[1], f"the page scrolls sideways at {viewport['width']} px: {width}"
+        screenshot(page, f"voice-chat-{name}.png")
         page.wait_played_out()
         assert page.errors() == []
-    finally:
-        context.close()
