@@ -42,7 +42,7 @@ export class ProtocolError extends Error {
 
 // Nested maps whose field kinds are known (unknown keys are written by their JavaScript type).
 const MAPS = {
-  output: { codec: "str", sample_rate: "int", frame_ms: "int", lead_ms: "int", bitrate: "int" },
+  output: { codec: "str", sample_rate: "int", frame_ms: "int", lead_ms: "int", bitrate: "int", mix: "bool" },
   engine: { name: "str", sample_rate: "int", cloning: "bool", frame_ms: "float" },
   sampling: { temperature: "float", top_p: "float", top_k: "int", seed: "int", max_frames: "int" },
 };
