@@ -122,3 +122,29 @@ def test_serve_with_a_broken_checkpoint_fails_clearly(tmp_path: Path) -> None:
     no_weights = subprocess.run(base + codec, capture_output=True, text=True, timeout=60)
     assert no_weights.returncode == 2 and "Traceback" not in no_weights.stderr
     assert "error" in no_weights.stderr and str(bad) in no_weights.stderr
+
+
+async def test_two_contexts_are_batched_and_both_stored_with_their_codes(s2: Server) -> None:
+    client = await Client.connect(s2.url)
+    sid = (await client.start(sampling=SAMPLING, speakers=[{"speaker": 0}, {"speaker": 1}]))["session"]
+    for ctx, speaker, text in (("a", 0, "First voice here."), ("b", 1, "Second voice, at the same time.")):
+        await client.send(type="text", text=text, speaker=speaker, context=ctx)
+        await client.send(type="turn.end", context=ctx)
+    done: dict[str, dict] = {}
+    audio_contexts: list[str] = []
+    while len(done) < 2:
+        msg = await client.recv(timeout=60)
+        if msg["type"] == "audio":
+            audio_contexts.append(msg["context"])
+        elif msg["type"] == "turn.done":
+            done[msg["context"]] = msg
+    assert {d["reason"] for d in done.values()} <= {"complete", "length"} and all(d["frames"] for d in done.values())
+    first_done = min(i for i, c in enumerate(audio_contexts) if audio_contexts[i:].count(c) == 1)
+    assert len(set(audio_contexts[: first_done + 1])) == 2  # both spoke before either finished: side by side
+    await client.close()
+    again = await Client.connect(s2.url)  # a resume waits for the closed connection to have stored its turns
+    assert (await again.start(session=sid))["turns"] == 2
+    await again.close()
+    turns = await stored_turns(s2, sid)
+    assert [(t.index, t.context, t.speaker) for t in turns] == [(0, "a", 0), (1, "b", 1)]
+    assert all(t.codes is not None and t.codes.shape[0] == 10 and t.codes.shape[1] > 0 for t in turns)
