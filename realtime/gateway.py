@@ -432,6 +432,9 @@ class Connection:
                 self._fatal("limit", f"no message for {idle:.0f} s (send ping to keep alive)", 1000)
             if self.machine is not None:
                 self._apply(self.machine.tick(now))
+                busy = self.machine.contexts
+                for context in [c for c, clock in self.clocks.items() if c not in busy and clock.ahead_ms(now) <= 0]:
+                    del self.clocks[context]  # played out and idle: a client naming a new context per line stays bounded
 
     async def _drop_slow_reader(self, waited: float) -> None:
         log.warning("session %s: the client took no frame for %.1f s: dropping it", self.sid, waited)
