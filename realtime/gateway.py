@@ -179,11 +179,12 @@ class Connection:
         self.mixer: Mixer | None = None  # output.mix: one stream for all contexts
         self._mix_task: asyncio.Task[None] | None = None
         self._mix_wake = asyncio.Event()
+        self._mix_clock = _PlaybackClock()  # the listener of the mixed stream
         self._mix_seq = 0  # packets of the mixed stream
         self._mix_turns: dict[int, tuple[int, ...]] = {}  # mixed packet seq -> the turns in it (until it is sent)
         self._closing = False
         self._drain_until = 0.0
-        self._lost_reported = False
+        self._lost_counted = 0  # finished turns reported as not stored
         self._send_started: float | None = None  # when the frame being sent was handed to the socket
         self._last_received = time.monotonic()
 
@@ -270,8 +271,8 @@ class Connection:
 
     async def _release(self, failure: BaseException | None) -> None:
         if failure is not None:
-            unstored = 0 if self.machine is None or self._lost_reported else self.machine.unstored
-            self._lost_reported = True
+            unstored = 0 if self.machine is None else max(0, self.machine.unstored - self._lost_counted)
+            self._lost_counted += unstored
             self.gw.metrics.store_turns_lost.inc(unstored)
             log.error("session %s: connection failed (%d finished turns not stored)", self.sid, unstored,
                       exc_info=failure)
@@ -330,6 +331,16 @@ class Connection:
             if machine.has_write():
                 self._writes.set()
 
+    def _listener_cleared(self, context: str | None) -> None:
+        """A ``cancel`` means the client dropped what it had buffered for ``context`` (None: everything), also when
+        no turn was still being made there (the last one's audio was all sent but not yet heard): pace from zero."""
+        now = time.monotonic()
+        for name, clock in self.clocks.items():
+            if context is None or name == (context or ""):
+                clock.reset(now)
+        if self.mixer is not None and context is None:  # one mixed stream: only a cancel of everything clears it
+            self._mix_clock.reset(now)
+
     def _stop(self, turns: tuple[int, ...]) -> None:
         """Barge-in: silence now (drop queued audio, stop the engine step, drop the encoder)."""
         if self.mixer is None:
@@ -369,10 +380,7 @@ class Connection:
         if self.machine is not None:
             self.outbox.drop_audio(set(self.machine.active_turns))
         self._send(Error(code=code, message=message, fatal=True))
-        try:
-            self.outbox.put(Close(close_code, message[:120]))
-        except OutboxFull:
-            self.outbox.close()
+        self.outbox.put_stream(Close(close_code, message[:120]))  # behind the turn.done messages already queued
 
     async def _send_loop(self) -> None:
         """Send in order (control first). A client that stops reading is found by the watchdog."""
@@ -504,6 +512,8 @@ class Connection:
         elif isinstance(msg, (Text, Flush, TurnEnd, Cancel, Playback)):
             assert self.machine is not None
             self._apply(self.machine.receive(msg))
+            if isinstance(msg, Cancel):
+                self._listener_cleared(msg.context)
         elif isinstance(msg, VoiceCreate):
             await self._create_voice(msg)
         elif isinstance(msg, SessionUpdate):
@@ -720,6 +730,8 @@ class Connection:
                     elif exc is not None:
                         log.error("session %s: turn %d segment %d failed", self.sid, job.turn, job.segment, exc_info=exc)
                         error = f"internal error ({type(exc).__name__}); the turn ends here"
+                    if self.mixer is not None:
+                        self.mixer.rest(job.turn)  # until its next segment speaks, no mixed slot waits for it
                     self._apply(machine.segment_finished(job.turn, job.segment, error))
                 else:
                     if exc is not None:
@@ -800,7 +812,7 @@ class Connection:
         a slower voice while the listener has more than two frames buffered, then goes without it."""
         assert self.mixer is not None
         mixer, fmt = self.mixer, self.output
-        clock = _PlaybackClock()
+        clock = self._mix_clock = _PlaybackClock()
         encoder = AudioEncoder(fmt, fmt.sample_rate)
         while True:
             if not mixer.pending():
@@ -878,12 +890,13 @@ class Connection:
             pending = None
 
     def _report_lost(self, why: str) -> None:
-        """Finished turns this connection will not store: counted and logged once, with the session id."""
-        if self._lost_reported or self.machine is None or not self.machine.unstored:
+        """Finished turns this connection will not store: counted and logged, with the session id (again only if
+        more were lost since, e.g. turns finished after a refused write)."""
+        if self.machine is None or self.machine.unstored <= self._lost_counted:
             return
-        self._lost_reported = True
-        lost = self.machine.unstored
-        self.gw.metrics.store_turns_lost.inc(lost)
+        lost, new = self.machine.unstored, self.machine.unstored - self._lost_counted
+        self._lost_counted = lost
+        self.gw.metrics.store_turns_lost.inc(new)
         log.error("session %s: %d finished turns (from turn %d on) are not stored: %s",
                   self.sid, lost, self.machine.stored, why)
 

@@ -4,8 +4,9 @@ the turn's own clock) and pops mixed frames out at the listener's pace.
 
 Each turn is a track: a FIFO of its frames, in order. A slot (one output frame) takes the head frame of every track
 that has one and sums them. A slot is *ready* when every unfinished track has a frame, so no voice is cut short
-needlessly; when the listener's buffer runs low the gateway takes the slot anyway, and a track with nothing yet is
-silent there (its audio then starts, or goes on, one frame later). A track's ``turn.done`` leaves right after its
+needlessly (a track resting between segments, waiting for more text, holds no slot back); when the listener's buffer
+runs low the gateway takes the slot anyway, and a track with nothing yet is silent there (its audio then starts, or
+goes on, one frame later). A track's ``turn.done`` leaves right after its
 last frame; a dropped (cancelled) track loses its queued frames and its ``turn.done`` leaves at the next slot.
 """
 
@@ -25,6 +26,7 @@ __all__ = ["Mixer"]
 class _Track:
     frames: deque[np.ndarray] = field(default_factory=deque)
     done: ServerMessage | None = None  # set once the turn has no more frames to come
+    resting: bool = False  # between segments (waiting for text): nothing is on its way, no slot waits for it
 
 
 class Mixer:
@@ -43,6 +45,13 @@ class Mixer:
         track = self._tracks.setdefault(turn, _Track())
         if track.done is None:
             track.frames.append(frame)
+            track.resting = False
+
+    def rest(self, turn: int) -> None:
+        """The engine is done with a segment of ``turn``: until it pushes again, slots need not wait for it."""
+        track = self._tracks.get(turn)
+        if track is not None:
+            track.resting = True
 
     def finish(self, turn: int, done: ServerMessage) -> None:
         """No more frames of ``turn``: ``done`` goes out right after its last one."""
@@ -62,7 +71,7 @@ class Mixer:
         """Every track still speaking has its next frame here (and at least one track has one)."""
         if not any(t.frames for t in self._tracks.values()):
             return any(t.done is not None for t in self._tracks.values())
-        return all(t.frames or t.done is not None for t in self._tracks.values())
+        return all(t.frames or t.done is not None or t.resting for t in self._tracks.values())
 
     def pop(self) -> tuple[np.ndarray | None, tuple[int, ...], list[ServerMessage]]:
         """The next slot: the summed frame (None if no track had one), the turns in it, and the turn.done messages

@@ -61,7 +61,7 @@ class Outbox:
             self._control_space.clear()
             await self._control_space.wait()
 
-    def put_stream(self, msg: ServerMessage) -> None:
+    def put_stream(self, msg: Item) -> None:
         """Append to the stream lane past its bound (for the rare small message that ends a turn)."""
         if not self.closed:
             self._audio.append(msg)

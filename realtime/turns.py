@@ -28,8 +28,10 @@ cut, the codes of the frames that started before it, ``audio_ms`` = the cut. The
 position within the segment (no engine reports word timing yet): a word is kept when its first character lies
 before the cut's share of the segment's text.
 
-Stored turns are contiguous: turn i is appended only after turn i-1; an amendment (a later, shorter cut) replaces
-a stored record. Turns not yet stored are bounded (``max_unstored``): past that, a new turn is refused with
+Stored turns are contiguous, in the order they started: turn i is appended only after turn i-1; an amendment (a
+later, shorter cut) replaces a stored record. With concurrent contexts, a turn that ends while an earlier one (another
+context) is still being spoken does not wait for it: the earlier one's place is held by a stand-in record (state
+``open``, no text) that its real record amends when it ends. Turns not yet stored are bounded (``max_unstored``): past that, a new turn is refused with
 ``limit`` until the store takes them.
 """
 
@@ -194,6 +196,7 @@ class _Turn:
     first_sent_at: float | None = None
     heard_ms: float | None = None  # the listener's last reported position
     done_queued: bool = False  # turn.done is in the stream lane
+    stand_in: bool = False  # a later turn (another context) ended first: an "open" record holds this one's place
     done_at: float | None = None
     record: Turn | None = None  # what the conversation remembers (set when turn.done goes out, or at close)
 
@@ -541,10 +544,27 @@ class TurnMachine:
         t.state = TurnState.DONE
         t.done_at = now
         t.record = self._record(t)
-        self._early[t.index] = t.record
-        while len(self.history) in self._early:  # in start order: a turn that ends first waits for earlier ones
+        if t.stand_in:  # a stand-in holds its place: the real record replaces it (an amendment once stored)
+            self._replace(t.index, t.record)
+        else:
+            self._early[t.index] = t.record
+            for other in self._turns.values():  # earlier turns still in flight in other contexts: hold their places
+                if other.index < t.index and other.record is None and not other.stand_in:
+                    other.stand_in = True
+                    self._early[other.index] = Turn(index=other.index, speaker=other.speaker, text="", state="open",
+                                                    audio_ms=0, context=other.context or None,
+                                                    started_at=other.started_at)
+        while len(self.history) in self._early:  # in start order, without waiting for a turn still being spoken
             self.history.append(self._early.pop(len(self.history)))
         self._prune()
+
+    def _replace(self, index: int, record: Turn) -> None:
+        if index in self._early:
+            self._early[index] = record
+            return
+        self.history[index] = record
+        if index < self.stored:
+            self._amends[index] = record
 
     # ------------------------------------------------------------------ truncation
 
@@ -591,12 +611,7 @@ class TurnMachine:
             return
         new = replace(new, created_at=t.record.created_at)
         t.record = new
-        if t.index in self._early:
-            self._early[t.index] = new
-            return
-        self.history[t.index] = new
-        if t.index < self.stored:
-            self._amends[t.index] = new
+        self._replace(t.index, new)
 
     def _settle(self, t: _Turn) -> None:
         t.state = TurnState.SETTLED

@@ -13,7 +13,9 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 
-TURN_STATES = ("complete", "cancelled", "length", "error")
+# "open": a stand-in for a turn still being spoken in one context when a later turn (another context) was stored;
+# amended with the real record when it ends (left "open" only if the process died first)
+TURN_STATES = ("complete", "cancelled", "length", "error", "open")
 
 
 @dataclass

@@ -143,3 +143,26 @@ async def test_mix_gives_one_gapless_stream_as_long_as_the_overlap(stub: Server)
     per_packet = pcm[: len(audio) * 480].reshape(len(audio), 480)
     assert np.sqrt((per_packet[:-1] ** 2).mean(axis=1)).min() > 0.005  # no silent gap inside the stream
     await client.close()
+
+
+async def test_a_cancel_after_turn_done_gives_the_next_turn_its_head_start(stub: Server) -> None:
+    """turn.done leaves up to lead_ms before the listener hears the end; a cancel then means the client dropped its
+    buffer, so the next turn is sent ahead again (not at the pace of a buffer the client no longer has)."""
+    client = await Client.connect(stub.url)
+    await client.start(output={"codec": "pcm16", "sample_rate": 16000, "frame_ms": 20})
+    await say(client, "x", 0, "A first line, complete before the listener has heard all of it.")
+    done, _ = await client.until("turn.done")
+    await client.send(type="playback", turn=done["turn"], played_ms=500.0)
+    await client.send(type="cancel")
+    await say(client, "x", 0, "The next line should arrive with a head start again, not in real time. " * 2)
+    first, _ = await client.until("audio")
+    got_ms, t0 = 20.0, time.monotonic()
+    while time.monotonic() - t0 < 0.3:
+        try:
+            msg = await client.recv(timeout=max(0.01, 0.3 - (time.monotonic() - t0)))
+        except TimeoutError:
+            break
+        got_ms += 20.0 if msg["type"] == "audio" else 0.0
+    print(f"\naudio received in the first 300 ms of the next turn: {got_ms:.0f} ms")
+    assert got_ms >= 600.0
+    await client.close()

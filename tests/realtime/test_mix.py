@@ -72,3 +72,16 @@ def test_a_dropped_turn_plays_no_more_and_is_done_at_the_next_slot() -> None:
 def test_frames_of_the_wrong_size_are_refused() -> None:
     with pytest.raises(ValueError):
         Mixer(N).push(0, np.zeros(N + 1, np.float32))
+
+
+def test_a_voice_resting_between_segments_holds_no_slot_back() -> None:
+    m = Mixer(N)
+    m.push(0, frame(0.1))  # turn 0 said a few words and waits for more text
+    m.pop()
+    m.rest(0)
+    m.push(1, frame(0.2))
+    assert m.ready()  # turn 1 need not wait for turn 0
+    m.push(0, frame(0.1))  # turn 0 speaks again: slots wait for it again when it runs dry
+    m.pop()
+    m.push(1, frame(0.2))
+    assert not m.ready()
