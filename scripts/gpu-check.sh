@@ -63,7 +63,8 @@ fi
 
 args=(--out "$out")
 ((dry)) && args+=(--dry-run)
-timeout 540 "$py" -m engine.gpucheck "${args[@]}" 2>&1 | tee "$out/gpu-check.log"
+# 10 + 25 + 450 + 15 s at most: inside the 10-minute call, the report written after every section
+timeout -k 15 450 "$py" -m engine.gpucheck "${args[@]}" 2>&1 | tee "$out/gpu-check.log"
 status=${PIPESTATUS[0]}
 echo "gpu-check: exit $status; report: $out/gpu-check.txt, $out/gpu-check.json, $out/gpu-check.png"
 exit "$status"

@@ -381,6 +381,8 @@ class S2ProCore(nn.Module):
             try:
                 return self.step(input_ids, positions, ctx, decode=decode, extend_lens=extend_lens, token=token)
             except Exception as exc:  # noqa: BLE001 - contained, see above
+                if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise  # during SGLang's graph capture: a captured error output would fail that size forever
                 log.exception("the model failed on a pass of %d request(s); they end with an error", rows)
                 self.failed_pass = f"{type(exc).__name__}: {exc}"
         return self.failed_output(rows, input_ids.device)

@@ -143,8 +143,14 @@ def take_over(engine: Any, on_exit: Callable[[str], None]) -> ChildMonitor:
         with keep_signals(loop):
             create()  # SGLang binds its handle loop to this loop here, and would have set its signal handlers
     stop_watchdog(engine)
+    atexit.unregister(engine.shutdown)  # it kills every child of this process (the embedded Redis too): never at exit
     monitor = ChildMonitor(list(engine.get_all_child_pids()), on_exit)
     monitor.start()
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGQUIT"):
+        # SGLang's scheduler and detokenizer SIGQUIT their parent on any failure (and its hard watchdog on a hung
+        # step); with the default disposition that would end Shoal. Report it to the engine instead.
+        with contextlib.suppress(ValueError, RuntimeError):  # no signal handling on this loop: the default stays
+            loop.add_signal_handler(signal.SIGQUIT, on_exit, "SGLang signalled a failure (SIGQUIT)")
     return monitor
 
 
@@ -154,6 +160,8 @@ def stop_engine(engine: Any, monitor: ChildMonitor | None = None, timeout: float
     SIGTERM, a wait, SIGKILL for stragglers. SGLang's ``atexit`` shutdown is unregistered (it kills every child)."""
     if monitor is not None:
         monitor.stop()
+    with contextlib.suppress(ValueError, RuntimeError, AttributeError):  # the SIGQUIT report of take_over
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGQUIT)
     stop_watchdog(engine)
     pids = set(engine.get_all_child_pids())
     children = {p.pid: p for p in multiprocessing.active_children() if p.pid in pids}
