@@ -13,8 +13,9 @@ from pathlib import Path
 from engine.base import EngineError, Sampling, Synthesizer
 from engine.registry import ENGINE_NAMES, make_engine
 from loadtest.cli import add_loadtest_parser, run_loadtest
-from realtime.config import ServerConfig
+from realtime.config import GatewayLimits, ServerConfig
 from realtime.offline import CliError, SayJob, codec_decode, codec_encode, say
+from realtime.turns import Limits as TurnLimits
 
 
 def _bounded(kind: type, lo: float, hi: float, what: str):  # type: ignore[no-untyped-def]
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis", metavar="URL", help="use this Redis (redis://, rediss://, unix://) instead of the embedded one")
     serve.add_argument("--data-dir", type=Path, help="where the embedded Redis persists (default: per-user data dir)")
     serve.add_argument("--api-key", metavar="KEY", help="require this key (Authorization: Bearer KEY or ?token=KEY)")
+    serve.add_argument("--max-contexts", type=_bounded(int, 1, 64, "--max-contexts"), default=8,
+                       help="concurrent contexts a session may have in flight (default 8)")
     pool = serve.add_argument_group("worker pool")
     pool.add_argument("--workers", type=_bounded(int, 0, 64, "--workers"), default=0,
                       help="run the engine in N local worker processes (default 0: in this process)")
@@ -247,8 +250,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.workers and args.worker_pool:
         raise CliError("give --workers N (local workers) or --worker-pool NAME (workers started elsewhere), not both")
     try:
+        limits = GatewayLimits(turn=TurnLimits(max_contexts=args.max_contexts))
         config = ServerConfig(host=args.host, port=args.port, redis_url=args.redis, data_dir=args.data_dir,
-                              api_key=args.api_key, engine=_engine_name(args))
+                              api_key=args.api_key, engine=_engine_name(args), limits=limits)
         if args.worker_pool:
             return serve(config, None, worker_pool=args.worker_pool)
         if args.workers:

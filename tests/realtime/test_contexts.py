@@ -166,3 +166,17 @@ async def test_a_cancel_after_turn_done_gives_the_next_turn_its_head_start(stub:
     print(f"\naudio received in the first 300 ms of the next turn: {got_ms:.0f} ms")
     assert got_ms >= 600.0
     await client.close()
+
+
+async def test_max_contexts_is_a_serve_option(tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "data", "--engine", "stub", "--max-contexts", "2")
+    try:
+        client = await Client.connect(srv.url)
+        await client.start()
+        for ctx in ("a", "b", "c"):
+            await client.send(type="text", text="Hello there, a long enough line. ", context=ctx)
+        error, _ = await client.until("error")
+        assert error["code"] == "limit" and "at most 2 contexts" in error["message"]
+        await client.close()
+    finally:
+        srv.stop()
