@@ -345,15 +345,10 @@ class Connection:
         """Barge-in: silence now (drop queued audio, stop the engine step, drop the encoder)."""
         if self.mixer is None:
             self.outbox.drop_audio(set(turns))
-        now = time.monotonic()
-        for turn in turns:
+        for turn in turns:  # (pacing restarts in _listener_cleared, on the client's cancel)
             if self.mixer is not None:
                 self.mixer.drop(turn)  # frames already mixed hold other voices too: they play on
                 self._mix_wake.set()
-            if self.machine is not None:
-                clock = self.clocks.get(self.machine.context_of(turn))
-                if clock is not None:
-                    clock.reset(now)
             task = self._current.get(turn)
             if task is not None:
                 task.cancel()

@@ -105,6 +105,7 @@ class TurnState(Enum):
 
 
 LIVE = (TurnState.OPEN, TurnState.ENDING)
+IN_FLIGHT = (*LIVE, TurnState.FINISHING)  # not yet turn.done
 
 # ---- outputs
 
@@ -248,7 +249,7 @@ class TurnMachine:
     @property
     def active_turns(self) -> tuple[int, ...]:
         """Turns whose audio is still being made or sent (not yet turn.done)."""
-        return tuple(i for i, t in self._turns.items() if t.state in LIVE or t.state is TurnState.FINISHING)
+        return tuple(i for i, t in self._turns.items() if t.state in IN_FLIGHT)
 
     @property
     def unstored(self) -> int:
@@ -259,7 +260,7 @@ class TurnMachine:
     @property
     def contexts(self) -> set[str]:
         """Contexts with a turn in flight (not yet turn.done)."""
-        return {t.context for t in self._turns.values() if t.state in (*LIVE, TurnState.FINISHING)}
+        return {t.context for t in self._turns.values() if t.state in IN_FLIGHT}
 
     def state(self, turn: int) -> TurnState | None:
         t = self._turns.get(turn)
@@ -270,7 +271,7 @@ class TurnMachine:
     def live(self, turn: int) -> bool:
         """May audio of ``turn`` still go out? (False once cancelled.)"""
         t = self._turns.get(turn)
-        return t is not None and t.reason != "cancelled" and t.state in (*LIVE, TurnState.FINISHING)
+        return t is not None and t.reason != "cancelled" and t.state in IN_FLIGHT
 
     def context_of(self, turn: int) -> str:
         t = self._turns.get(turn)
@@ -279,7 +280,7 @@ class TurnMachine:
     def wants_audio(self, turn: int) -> bool:
         """Should synthesis of ``turn`` go on? (False once it was stopped, failed or reached max_frames.)"""
         t = self._turns.get(turn)
-        return t is not None and t.reason is None and t.state in (*LIVE, TurnState.FINISHING)
+        return t is not None and t.reason is None and t.state in IN_FLIGHT
 
     def configure(self, *, output_frame_ms: float, max_frames: int) -> None:
         """New output / sampling settings (between turns: the gateway refuses session.update during one)."""
@@ -287,12 +288,11 @@ class TurnMachine:
 
     # ------------------------------------------------------------------ client messages
 
-    def receive(self, msg: Text | Flush | TurnEnd | Cancel | Playback, context: str = "") -> list[Output]:
+    def receive(self, msg: Text | Flush | TurnEnd | Cancel | Playback) -> list[Output]:
         """Apply one turn message. Raises ProtocolError for input it refuses (the session stays usable)."""
         if isinstance(msg, Text):
-            return self._text(msg, msg.context or context)
-        if isinstance(msg, (Flush, TurnEnd)):
-            context = msg.context or context
+            return self._text(msg, msg.context or "")
+        context = msg.context or ""
         if isinstance(msg, Flush):
             turn = self._open_turn(context)
             if turn is not None:
@@ -314,7 +314,7 @@ class TurnMachine:
 
     def cancel(self, context: str | None = None) -> list[Output]:
         """Barge-in on ``context`` (None: every context): its live turns end now as ``cancelled``."""
-        turns = [t for t in self._turns.values() if t.state in (*LIVE, TurnState.FINISHING) and not t.done_queued]
+        turns = [t for t in self._turns.values() if t.state in IN_FLIGHT and not t.done_queued]
         turns = [t for t in turns if context is None or t.context == context]
         if not turns:
             return []
@@ -431,9 +431,6 @@ class TurnMachine:
                 out.append(turn.context)
         return out
 
-    def has_job(self) -> bool:
-        return bool(self.job_contexts())
-
     def _first_live(self, context: str) -> _Turn | None:
         for turn in self._turns.values():
             if turn.state in LIVE and turn.context == context:
@@ -479,9 +476,9 @@ class TurnMachine:
 
     def packet(self, turn: int, data: bytes) -> Audio | None:
         """An encoded packet of ``turn`` is ready to queue: its ``audio`` message, or None if the turn was stopped."""
-        t = self._turns.get(turn)
-        if t is None or t.reason == "cancelled" or t.state not in (*LIVE, TurnState.FINISHING):
+        if not self.live(turn):
             return None
+        t = self._turns[turn]
         msg = Audio(turn=turn, seq=t.made, ms=round(t.made * t.frame_ms, 3), data=data, context=t.context or None)
         t.made += 1
         return msg
