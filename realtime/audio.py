@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 CODECS = ("opus", "pcm16", "mulaw")
+TIMESTAMPS = ("none", "words", "visemes")  # output.timestamps: visemes includes words
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 OPUS_FRAME_MS = (10, 20, 40, 60)
 _OPUS_MAX_PACKET = 4000  # libopus' recommended max_data_bytes
@@ -69,10 +70,16 @@ class OutputFormat:
     lead_ms: int = 1500
     bitrate: int = 32000  # Opus only; validated for every codec
     mix: bool = False  # concurrent contexts mixed into one stream by the server (realtime/mix.py)
+    timestamps: str = "none"  # word timing messages: none | words | visemes (words and visemes)
 
     def __post_init__(self) -> None:
         if not isinstance(self.mix, bool):
             raise ValueError(f"output.mix must be true or false, got {self.mix!r}")
+        if not isinstance(self.timestamps, str) or self.timestamps not in TIMESTAMPS:
+            raise ValueError(f"output.timestamps must be one of {', '.join(TIMESTAMPS)}, got {self.timestamps!r}")
+        if self.mix and self.timestamps != "none":
+            raise ValueError("output.timestamps needs unmixed output: with output.mix, audio.ms is the mix's clock, "
+                             "not a turn's, so word times could not be placed on it")
         if not isinstance(self.codec, str) or self.codec not in CODECS:
             raise ValueError(f"output.codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         rate = _check_int("sample_rate", self.sample_rate, 8000, 48000)
@@ -133,12 +140,15 @@ class OutputFormat:
             lead_ms=get("lead_ms", base.lead_ms),  # type: ignore[arg-type]
             bitrate=get("bitrate", base.bitrate),  # type: ignore[arg-type]
             mix=get("mix", base.mix),  # type: ignore[arg-type]
+            timestamps=get("timestamps", base.timestamps),  # type: ignore[arg-type]
         )
 
     def to_wire(self) -> dict[str, object]:
         wire = asdict(self)
         if not self.mix:
             del wire["mix"]  # only when asked for: the wire stays as it was for every other client
+        if self.timestamps == "none":
+            del wire["timestamps"]
         return wire
 
 

@@ -177,8 +177,32 @@ class Audio:
 class Segment:
     type: ClassVar[str] = "segment"
     turn: int
-    text: str
+    text: str  # what is spoken: markup removed
     ms: float
+    context: str | None = None
+    speaker: int | None = None  # the speaker at the segment's start
+    markup: str | None = None  # the segment as sent: speaker tags and [instructions] included
+
+
+@dataclass(frozen=True)
+class Words:
+    """When each word of a segment is heard (``output.timestamps``), before the first audio packet it covers."""
+
+    type: ClassVar[str] = "words"
+    turn: int
+    words: tuple[Mapping[str, Any], ...]  # {text, start_ms, end_ms}: turn-relative, the clock of audio.ms
+    estimated: bool  # True: spread over the audio by an aligner, not reported by the engine
+    context: str | None = None
+
+
+@dataclass(frozen=True)
+class Visemes:
+    """Mouth shapes for a segment (``output.timestamps: visemes``): ids of the 15 Oculus visemes, each held until the
+    next one's ``start_ms``; sent after ``words`` and before the audio they cover."""
+
+    type: ClassVar[str] = "visemes"
+    turn: int
+    visemes: tuple[Mapping[str, Any], ...]  # {id, start_ms}
     context: str | None = None
 
 
@@ -214,7 +238,7 @@ class Pong:
     type: ClassVar[str] = "pong"
 
 
-ServerMessage = SessionReady | TurnStarted | Audio | Segment | TurnDone | VoiceCreated | Error | Pong
+ServerMessage = SessionReady | TurnStarted | Audio | Segment | Words | Visemes | TurnDone | VoiceCreated | Error | Pong
 
 _BINARY_FIELDS = {"audio": "data", "voice.create": "audio"}
 
