@@ -21,10 +21,13 @@ __all__ = [
     "EngineError",
     "EngineInfo",
     "PastTurn",
+    "PhonemeTiming",
     "Sampling",
     "SynthesisRequest",
     "Synthesizer",
+    "Timing",
     "VoiceRef",
+    "WordTiming",
     "engine_stats",
 ]
 
@@ -39,11 +42,13 @@ class EngineInfo:
     sample_rate: int  # rate of AudioChunk.pcm
     cloning: bool  # can it speak in a registered reference voice?
     frame_ms: float | None = None  # codec frame duration for frame-based engines (S2 Pro: 1000 / 21.5)
+    timing: bool = False  # does it report when each word is spoken (AudioChunk.timing)?
 
     def to_wire(self) -> dict[str, object]:
         out: dict[str, object] = {"name": self.name, "sample_rate": self.sample_rate, "cloning": self.cloning}
         if self.frame_ms is not None:
             out["frame_ms"] = self.frame_ms
+        out["timing"] = "exact" if self.timing else "none"
         return out
 
 
@@ -103,9 +108,41 @@ class SynthesisRequest:
 
 
 @dataclass(frozen=True)
+class WordTiming:
+    """When one word of the request's spoken text is heard. ``word`` indexes ``engine.markup.spoken_words(text)``."""
+
+    word: int
+    start: int  # samples from the start of the request's audio
+    end: int  # exclusive; start < end
+
+
+@dataclass(frozen=True)
+class PhonemeTiming:
+    phoneme: str  # IPA ("" = a pause), stress and length marks included as the engine gives them
+    start: int  # samples from the start of the request's audio; each lasts until the next one's start
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When the words of a request are heard: every spoken word once, in order, with its phonemes.
+
+    ``complete``: every word the request's audio speaks is here. An engine that learns the timing as it goes may
+    send what it knows so far on earlier chunks (``complete`` False: the words that have started, the last one's
+    end provisional), so a barge-in mid-request still cuts at a word; each replaces the one before."""
+
+    words: tuple[WordTiming, ...]
+    phonemes: tuple[PhonemeTiming, ...] = ()
+    estimated: bool = False  # spread over the audio by an aligner, not reported by the engine
+    complete: bool = True
+
+
+@dataclass(frozen=True)
 class AudioChunk:
     pcm: np.ndarray  # (n,) float32 mono in [-1, 1] at EngineInfo.sample_rate
     codes: np.ndarray | None = None  # (10, frames) int16 codes of the frames this chunk decodes, if any
+    # engines with EngineInfo.timing: the request's timing, complete on the first chunk by which it is known (and
+    # before that, optionally, what is known so far); engines without leave it to an aligner
+    timing: Timing | None = None
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ import msgpack
 import numpy as np
 
 from engine.base import AudioChunk, EngineError, EngineInfo, SynthesisRequest
-from engine.espeak_voice import Segment, plan_segments
+from engine.espeak_voice import Segment, plan_segments, timing_from_events
 from engine.espeak_worker import MAX_FRAME, encode_frame
 
 __all__ = ["SAMPLE_RATE", "EspeakConfig", "EspeakStats", "EspeakSynthesizer"]
@@ -89,6 +89,7 @@ class _End(enum.Enum):
 @dataclass(frozen=True)
 class _Item:
     pcm: bytes = b""
+    events: tuple[Any, ...] = ()  # espeak-ng's word and phoneme events (engine.espeak_worker)
     end: _End | None = None
     error: str | None = None
 
@@ -162,10 +163,11 @@ class _Worker:
                     continue  # left over from an earlier request
                 if message.get("t") == "audio":
                     self._engine._chunks_received += 1
-                    stream.items.put_nowait(_Item(pcm=bytes(message["pcm"])))
+                    stream.items.put_nowait(_Item(pcm=bytes(message["pcm"]), events=tuple(message.get("ev", ()))))
                 elif message.get("t") == "done":
                     self.stream = None
-                    stream.items.put_nowait(_Item(end=_End.DONE, error=message.get("error")))
+                    stream.items.put_nowait(_Item(events=tuple(message.get("ev", ())), end=_End.DONE,
+                                                  error=message.get("error")))
         except asyncio.IncompleteReadError:
             reason = "exited"
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
@@ -231,7 +233,7 @@ class _Slot:
 class EspeakSynthesizer:
     """espeak-ng behind the Synthesizer interface; see the module docstring."""
 
-    info = EngineInfo(name="espeak", sample_rate=SAMPLE_RATE, cloning=False)
+    info = EngineInfo(name="espeak", sample_rate=SAMPLE_RATE, cloning=False, timing=True)
 
     def __init__(self, config: EspeakConfig | None = None) -> None:
         self.config = config or EspeakConfig()
@@ -314,6 +316,10 @@ class EspeakSynthesizer:
         assert worker is not None
         stream = worker.begin(segments)
         end: _End | None = None
+        # one chunk is held back, so the last one can carry the timing, which is complete only at the end
+        held: np.ndarray | None = None
+        events: list[Any] = []
+        made = 0  # samples
         try:
             while True:
                 try:
@@ -321,18 +327,29 @@ class EspeakSynthesizer:
                         item = await stream.items.get()
                 except TimeoutError:
                     raise EngineError(f"espeak worker {worker.pid} stopped answering") from None
+                events.extend(item.events)
                 if item.end is not None:
                     end = item.end
                     if item.error is not None:
                         raise EngineError(item.error)
+                    if held is not None:
+                        yield AudioChunk(pcm=held, timing=timing_from_events(segments, events, made))
                     return
                 worker.ack(stream)
                 pcm = np.frombuffer(item.pcm, dtype="<i2")[:budget].astype(np.float32) / np.float32(32768.0)
                 budget -= pcm.size
+                made += pcm.size
                 if pcm.size:
-                    yield AudioChunk(pcm=pcm)
-                if budget <= 0:
-                    return  # max_frames reached: the finally below cancels the rest
+                    if held is not None:
+                        # what is known so far: a barge-in before the end still cuts the turn at a word
+                        news = any(e[0] == "w" for e in item.events)
+                        so_far = timing_from_events(segments, events, made, complete=False) if news else None
+                        yield AudioChunk(pcm=held, timing=so_far)
+                    held = pcm
+                if budget <= 0:  # max_frames reached: the finally below cancels the rest
+                    if held is not None:
+                        yield AudioChunk(pcm=held, timing=timing_from_events(segments, events, made, ended=False))
+                    return
         finally:
             self._release(slot, worker, stream, end)
 

@@ -11,14 +11,25 @@ any other instruction is ignored.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from engine.base import SynthesisRequest, VoiceRef
-from engine.markup import split_markup
+from engine.base import PhonemeTiming, SynthesisRequest, Timing, VoiceRef, WordTiming
+from engine.markup import split_markup, words_of
 
-__all__ = ["TIMBRES", "Prosody", "Segment", "Timbre", "plan_segments", "speaker_timbre", "style_of", "voice_timbres"]
+__all__ = [
+    "TIMBRES",
+    "Prosody",
+    "Segment",
+    "Timbre",
+    "plan_segments",
+    "speaker_timbre",
+    "style_of",
+    "timing_from_events",
+    "voice_timbres",
+]
 
 
 class Timbre(NamedTuple):
@@ -155,3 +166,112 @@ def plan_segments(request: SynthesisRequest, language: str) -> list[Segment]:
         else:
             segments.append(Segment(piece.text, prosody))
     return segments
+
+
+_RUN = re.compile(r"\S+")
+
+
+def _word_runs(text: str) -> list[tuple[int, int, int | None]]:
+    """(start, end, word index or None) of each whitespace-separated run of ``text``; words as ``words_of``."""
+    runs: list[tuple[int, int, int | None]] = []
+    count = 0
+    for run in _RUN.finditer(text):
+        is_word = bool(words_of(run.group()))
+        runs.append((run.start(), run.end(), count if is_word else None))
+        count += is_word
+    return runs
+
+
+def timing_from_events(segments: Sequence[Segment], events: Sequence[Sequence[object]], spoken: int,
+                       complete: bool = True, ended: bool = True) -> Timing:
+    """The request's word and phoneme timing from espeak-ng's events (``engine.espeak_worker``'s ``ev`` lists).
+
+    A word starts with its first phoneme (espeak-ng reports the word a little before its first sound) and ends at
+    the next pause or the next word's first phoneme. A word espeak-ng did not report on its own (it reads "3.5" as
+    three words but may fold a symbol into its neighbour) shares the span of the word before it. Only the words
+    that start within the first ``spoken`` samples are listed: the rest were never heard (``ended`` False: the
+    audio was cut short; ``complete`` False: the rest is not made yet).
+    """
+    offsets: list[int] = []  # first request-wide word index of each segment
+    runs: list[list[tuple[int, int, int | None]]] = []
+    total = 0
+    for segment in segments:
+        offsets.append(total)
+        runs.append(_word_runs(segment.text))
+        total += sum(1 for *_, word in runs[-1] if word is not None)
+    starts: dict[int, int] = {}
+    ends: dict[int, int] = {}
+    phonemes: list[PhonemeTiming] = []
+    current: int | None = None  # the word the next phoneme belongs to
+    sounding: int | None = None  # the word whose sound has started and not yet ended
+    for kind, segment, position, sample, name in events:
+        assert isinstance(segment, int) and isinstance(position, int) and isinstance(sample, int)
+        if not 0 <= segment < len(segments):
+            continue
+        if kind == "w":
+            current = _word_at(runs[segment], position - 1, offsets[segment])
+        elif kind == "p":
+            phonemes.append(PhonemeTiming(str(name), sample))
+            if not name:  # a pause ends the sounding word
+                if sounding is not None:
+                    ends.setdefault(sounding, sample)
+                sounding, current = None, None
+            elif current is not None and current not in starts:
+                if sounding is not None:
+                    ends.setdefault(sounding, sample)
+                starts[current] = sample
+                sounding = current
+        elif kind == "e" and sounding is not None:
+            ends.setdefault(sounding, sample)
+            sounding = None
+    if sounding is not None:
+        ends.setdefault(sounding, spoken)
+    if not (complete and ended):  # words not reached are not unreported ones
+        total = max(starts, default=-1) + 1
+    return Timing(words=_fill(starts, ends, total, spoken), phonemes=tuple(p for p in phonemes if p.start < spoken),
+                  complete=complete)
+
+
+def _word_at(runs: list[tuple[int, int, int | None]], char: int, offset: int) -> int | None:
+    for start, end, word in runs:
+        if end > char:  # the run holding the character, or the first after it
+            return None if word is None else offset + word
+    return None
+
+
+def _fill(starts: dict[int, int], ends: dict[int, int], total: int, spoken: int) -> tuple[WordTiming, ...]:
+    """Words in order with start < end; a word without its own timing shares its predecessor's span (or the
+    next word's, at the start); words that start at or after ``spoken`` are left out, and the list stops there."""
+    out: list[tuple[int, int]] = []
+    index = 0
+    while index < total:
+        start = starts.get(index)
+        if start is None:  # a run of unreported words: share a neighbour's span
+            run_end = index
+            while run_end < total and run_end not in starts:
+                run_end += 1
+            if out:
+                base_start, base_end = out.pop()
+                group = run_end - index + 1
+            elif run_end < total:
+                base_start, base_end = starts[run_end], ends.get(run_end, starts[run_end] + 1)
+                group = run_end - index + 1
+                run_end += 1
+            else:
+                break  # nothing was reported at all
+            width = max(1, base_end - base_start)
+            for k in range(group):
+                out.append((base_start + width * k // group, base_start + width * (k + 1) // group))
+            index = run_end
+            continue
+        end = ends.get(index, start + 1)
+        out.append((start, max(end, start + 1)))
+        index += 1
+    words: list[WordTiming] = []
+    for i, (start, end) in enumerate(out):
+        if start >= spoken:
+            break
+        if words and start < words[-1].end:  # shared spans split by integer steps never overlap; keep it so
+            start = words[-1].end
+        words.append(WordTiming(i, start, max(end, start + 1)))
+    return tuple(words)

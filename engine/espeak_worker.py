@@ -10,8 +10,12 @@ Wire: frames of a 4-byte big-endian length and a msgpack map, in both directions
                        {"t": "cancel", "id"}          stop request id now
     worker -> parent   {"t": "ready", "sample_rate", "pid"}   once, after espeak-ng is initialized
                        {"t": "fatal", "message"}              instead of ready, then exit
-                       {"t": "audio", "id", "pcm"}            int16 little-endian mono at sample_rate
-                       {"t": "done", "id", "cancelled", "error"}  always ends a request (error: str | None)
+                       {"t": "audio", "id", "pcm", "ev"}      int16 little-endian mono at sample_rate
+                       {"t": "done", "id", "cancelled", "error", "ev"}  always ends a request (error: str | None)
+
+``ev`` lists espeak-ng's events since the last message, each ``[kind, segment, position, sample, phoneme]``: kind
+"w" (a word starts: ``position`` is its 1-based character position in the segment's text), "p" (a phoneme starts:
+``phoneme`` in IPA, "" for a pause) or "e" (the segment ends); ``sample`` counts from the start of the request.
 
 Flow control: at most ``window`` audio chunks may be un-acknowledged. espeak-ng delivers audio through a
 synchronous callback as it is made; when the window is full the callback blocks until an ack or a cancel, so a
@@ -45,8 +49,29 @@ _INITIALIZE_DONT_EXIT = 0x8000
 _CHARS_UTF8 = 1  # plain UTF-8 text: no espeakSSML, no espeakPHONEMES, so nothing in it is read as markup
 _ENDPAUSE = 0x1000
 _POS_CHARACTER = 1
+_PHONEME_EVENTS, _PHONEME_IPA = 0x0001, 0x0002
 _RATE, _VOLUME, _PITCH, _RANGE = 1, 2, 3, 4
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_EVENT_END_OF_LIST, _EVENT_WORD, _EVENT_END, _EVENT_PHONEME = 0, 1, 5, 7
+_EVENT_KINDS = {_EVENT_WORD: "w", _EVENT_PHONEME: "p", _EVENT_END: "e"}
+
+
+class _Event(ctypes.Structure):
+    """speak_lib.h's espeak_EVENT; ``id`` is a union whose phoneme form is 8 bytes of UTF-8."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),
+    ]
+
+
+Event = tuple[str, int, int, str]  # kind, character position, sample within the utterance, phoneme
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
 
 
 def encode_frame(message: Mapping[str, Any]) -> bytes:
@@ -102,19 +127,28 @@ class Espeak:
         if self._set_seed is not None:
             self._set_seed.argtypes = [ctypes.c_long]
             self._set_seed.restype = None
-        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, buffer_ms, data.encode(), _INITIALIZE_DONT_EXIT)
+        options = _INITIALIZE_DONT_EXIT | _PHONEME_EVENTS | _PHONEME_IPA
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, buffer_ms, data.encode(), options)
         if rate <= 0:
             raise EspeakUnavailable(f"espeak_Initialize failed (data at {data})")
         self._lib = lib
         self.sample_rate: int = rate
-        self.sink: Callable[[bytes], bool] = lambda pcm: True  # False aborts the utterance
+        self.sink: Callable[[bytes, list[Event]], bool] = lambda pcm, events: True  # False aborts the utterance
         self.sink_error: BaseException | None = None
         self._callback = _SynthCallback(self._on_synth)  # keep a reference: espeak-ng holds the pointer
         lib.espeak_SetSynthCallback(self._callback)
 
     def _on_synth(self, wav: Any, count: int, events: Any) -> int:
         try:
-            go_on = self.sink(ctypes.string_at(wav, count * 2)) if count > 0 and wav else self.sink(b"")
+            found: list[Event] = []
+            i = 0
+            while events and (event := events[i]).type != _EVENT_END_OF_LIST:
+                kind = _EVENT_KINDS.get(event.type)
+                if kind is not None:
+                    name = event.id.decode("utf-8", "replace") if kind == "p" else ""
+                    found.append((kind, event.text_position, event.sample, name))
+                i += 1
+            go_on = self.sink(ctypes.string_at(wav, count * 2) if count > 0 and wav else b"", found)
         except BaseException as exc:  # noqa: BLE001 - an exception must not cross the C frame; re-raised by speak()
             self.sink_error = exc
             return 1
@@ -231,14 +265,22 @@ def _read_requests(source: BinaryIO, flow: Flow, inbox: queue.Queue[tuple[int, l
 
 def _synthesize(espeak: Espeak, flow: Flow, out: _Output, request_id: int, segments: list[dict[str, Any]]) -> None:
     error: str | None = None
+    events: list[list[Any]] = []  # since the last message
+    made = 0  # samples sent for this request
+    segment_index, segment_start = 0, 0
     if flow.begin(request_id):
 
-        def sink(pcm: bytes) -> bool:
+        def sink(pcm: bytes, found: list[Event]) -> bool:
+            nonlocal made
+            events.extend([kind, segment_index, position, segment_start + sample, name]
+                          for kind, position, sample, name in found)
             if not pcm:
                 return not flow.stopped
             if not flow.take_credit():
                 return False
-            out.send({"t": "audio", "id": request_id, "pcm": pcm})
+            out.send({"t": "audio", "id": request_id, "pcm": pcm, "ev": events[:]})
+            events.clear()
+            made += len(pcm) // 2
             return True
 
         espeak.sink = sink
@@ -246,6 +288,7 @@ def _synthesize(espeak: Espeak, flow: Flow, out: _Output, request_id: int, segme
         for index, segment in enumerate(segments):
             if flow.stopped:
                 break
+            segment_index, segment_start = index, made  # espeak-ng counts samples from each utterance's start
             try:
                 espeak.speak(str(segment["text"]), str(segment["voice"]), int(segment["rate"]),
                              int(segment["pitch"]), int(segment["range"]), int(segment["volume"]),
@@ -253,7 +296,7 @@ def _synthesize(espeak: Espeak, flow: Flow, out: _Output, request_id: int, segme
             except (RuntimeError, KeyError, ValueError, TypeError) as exc:
                 error = str(exc) or type(exc).__name__
                 break
-    out.send({"t": "done", "id": request_id, "cancelled": flow.cancelled, "error": error})
+    out.send({"t": "done", "id": request_id, "cancelled": flow.cancelled, "error": error, "ev": events})
 
 
 def main(argv: list[str] | None = None) -> int:

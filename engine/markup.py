@@ -13,7 +13,7 @@ import re
 import unicodedata
 from typing import NamedTuple
 
-__all__ = ["Piece", "clean_text", "plain_text", "split_markup"]
+__all__ = ["Piece", "SpokenWord", "clean_text", "plain_text", "split_markup", "spoken_words", "words_of"]
 
 _TOKEN = re.compile(
     r"<\|speaker:(?P<speaker>\d{1,9})\|>"  # speaker tag
@@ -21,6 +21,8 @@ _TOKEN = re.compile(
     r"|\[(?P<instruction>[^\[\]]*)\]"  # bracket instruction: never spoken
 )
 _WHITESPACE = re.compile(r"\s+")
+_RUN = re.compile(r"\S+")
+_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
 
 
 class Piece(NamedTuple):
@@ -67,3 +69,32 @@ def split_markup(text: str, speaker: int = 0) -> list[Piece]:
 def plain_text(text: str) -> str:
     """Only what would be spoken, all speakers joined."""
     return " ".join(piece.text for piece in split_markup(text))
+
+
+class SpokenWord(NamedTuple):
+    text: str  # the word as spoken (as in the clean text)
+    start: int  # its span in the text as written, markup included
+    end: int
+
+
+def words_of(spoken: str) -> list[str]:
+    """The words of clean text: the whitespace-separated runs that hold a letter or a digit (punctuation stays
+    attached: "there."; a lone dash is no word). Word timing counts these."""
+    return [run for run in spoken.split() if _LETTER_OR_DIGIT.search(run)]
+
+
+def spoken_words(text: str) -> list[SpokenWord]:
+    """The words of ``text`` as written (markup included): the same words, in the same order, as ``words_of`` of
+    each piece of ``split_markup(text)``, each with where it is written, so a cut can keep the markup before it."""
+    out: list[SpokenWord] = []
+    position = 0
+    for match in [*_TOKEN.finditer(text), None]:
+        end = len(text) if match is None else match.start()
+        region = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in text[position:end])  # as clean_text
+        for run in _RUN.finditer(region):
+            word = run.group().replace("[", "").replace("]", "")
+            if _LETTER_OR_DIGIT.search(word):
+                out.append(SpokenWord(word, position + run.start(), position + run.end()))
+        if match is not None:
+            position = match.end()
+    return out

@@ -15,7 +15,7 @@ the connection) for each ``submit``, ``encode_voice`` and ``stats``; everything 
 same ``id``. Unknown fields are ignored; an unknown ``type`` gets an ``error`` with code ``protocol``.
 
 Worker -> client, once, first: ``hello`` {``version`` 1, ``worker`` (its id), ``engine`` {``name``,
-``sample_rate``, ``cloning``, ``frame_ms``?}, ``max_frame``}.
+``sample_rate``, ``cloning``, ``frame_ms``?, ``timing`` exact or none}, ``max_frame``}.
 
 Client -> worker
 
@@ -32,7 +32,7 @@ Worker -> client
 
 | type | fields | meaning |
 |---|---|---|
-| ``frames`` | ``id``, ``pcm`` (array, ``<f4`` or ``<i2`` as asked), ``codes``? | one audio chunk; each spends one credit |
+| ``frames`` | ``id``, ``pcm`` (array, ``<f4`` or ``<i2`` as asked), ``codes``?, ``timing``? {``words`` [[word, start, end]], ``phonemes`` [[ipa, start]], ``estimated``} | one audio chunk; each spends one credit |
 | ``done`` | ``id``, ``reason`` ``complete`` \\| ``cancelled`` | the request ended; the id is free |
 | ``error`` | ``id``?, ``code``, ``message`` | the request ended in failure (or, without ``id``, the connection is closing) |
 | ``voice`` | ``id``, ``codes``? | answer to ``encode_voice`` (no codes: the engine cannot clone) |
@@ -62,7 +62,17 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-from engine.base import AudioChunk, EngineInfo, PastTurn, Sampling, SynthesisRequest, VoiceRef
+from engine.base import (
+    AudioChunk,
+    EngineInfo,
+    PastTurn,
+    PhonemeTiming,
+    Sampling,
+    SynthesisRequest,
+    Timing,
+    VoiceRef,
+    WordTiming,
+)
 
 __all__ = [
     "ERROR_CODES",
@@ -234,6 +244,11 @@ def _pcm(pcm: np.ndarray, fmt: str) -> dict[str, Any]:
     return _array(pcm, "<f4")
 
 
+def _timing(t: Timing) -> dict[str, Any]:
+    return {"words": [[w.word, w.start, w.end] for w in t.words],
+            "phonemes": [[p.phoneme, p.start] for p in t.phonemes], "estimated": t.estimated}
+
+
 def _request(r: SynthesisRequest) -> dict[str, Any]:
     s = r.sampling
     return {
@@ -262,6 +277,8 @@ def encode(msg: Message) -> bytes:
         body.update(version=msg.version, worker=msg.worker, engine=msg.engine.to_wire(), max_frame=msg.max_frame)
     elif isinstance(msg, Frames):
         body.update(id=msg.id, pcm=_pcm(msg.chunk.pcm, msg.pcm), codes=_codes(msg.chunk.codes))
+        if msg.chunk.timing is not None:
+            body["timing"] = _timing(msg.chunk.timing)
     elif isinstance(msg, Done):
         body.update(id=msg.id, reason=msg.reason)
     elif isinstance(msg, Failed):
@@ -322,6 +339,20 @@ class _Fields:
             raise f.bad("data", f"{len(data)} bytes do not hold shape {shape} of {dtype}")
         return np.frombuffer(data, dtype=dt).reshape(shape).copy()  # writable, owned (torch.from_numpy)
 
+    def timing(self, name: str) -> Timing | None:
+        spec = self.get(name, dict, None, optional=True)
+        if spec is None:
+            return None
+        f = _Fields(spec, f"{self.where}.{name}", self.request_id)
+        try:
+            words = tuple(WordTiming(int(w), int(s), int(e)) for w, s, e in f.get("words", list))
+            phonemes = tuple(PhonemeTiming(str(p), int(s)) for p, s in f.get("phonemes", list, []))
+        except (TypeError, ValueError) as exc:
+            raise f.bad("words", f"must be [word, start, end] triples and [phoneme, start] pairs ({exc})") from None
+        if any(not 0 <= w.start < w.end for w in words):
+            raise f.bad("words", "each word needs 0 <= start < end")
+        return Timing(words=words, phonemes=phonemes, estimated=f.get("estimated", bool, False))
+
     def codes(self, name: str) -> np.ndarray | None:
         codes = self.array(name, "<i2", 2, optional=True)
         if codes is not None and codes.shape[0] != 10:
@@ -359,7 +390,8 @@ def _decode_info(f: _Fields) -> EngineInfo:
     e = _Fields(f.get("engine", dict), "hello.engine")
     frame_ms = e.get("frame_ms", (int, float), None, optional=True)
     return EngineInfo(name=e.get("name", str), sample_rate=e.integer("sample_rate", 1, 1 << 20),
-                      cloning=e.get("cloning", bool), frame_ms=None if frame_ms is None else float(frame_ms))
+                      cloning=e.get("cloning", bool), frame_ms=None if frame_ms is None else float(frame_ms),
+                      timing=e.get("timing", str, "none") == "exact")
 
 
 def decode(payload: bytes) -> Message:
@@ -400,7 +432,8 @@ def decode(payload: bytes) -> Message:
         pcm = f.array("pcm", "<i2" if fmt == "i16" else "<f4", 1)
         assert pcm is not None
         samples = pcm.astype(np.float32) / np.float32(32767.0) if fmt == "i16" else pcm
-        return Frames(id=f.ident(), chunk=AudioChunk(pcm=samples, codes=f.codes("codes")), pcm=fmt)
+        return Frames(id=f.ident(), chunk=AudioChunk(pcm=samples, codes=f.codes("codes"), timing=f.timing("timing")),
+                      pcm=fmt)
     if kind == "done":
         reason = f.get("reason", str)
         if reason not in ("complete", "cancelled"):

@@ -5,6 +5,9 @@ It waits ``ttft_ms`` before the first frame, then emits one codec frame (2048 sa
 The tone's pitch depends on the speaker, its voice and the text; an envelope makes it non-constant. About one
 frame per 1.2 characters of spoken text (markup is not spoken), at least one per piece of text, at most
 ``sampling.max_frames``. Everything is a pure function of the request, so equal requests give equal audio.
+
+Its word timing (on the first chunk) is exact by construction: each piece's frames are shared among its words by
+character position, and each letter of a word is its "phoneme", so tests can compute every value themselves.
 """
 
 from __future__ import annotations
@@ -13,15 +16,16 @@ import asyncio
 import functools
 import hashlib
 import math
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from engine.base import AudioChunk, EngineError, EngineInfo, SynthesisRequest
+from engine.base import AudioChunk, EngineError, EngineInfo, PhonemeTiming, SynthesisRequest, Timing, WordTiming
 from engine.markup import split_markup
 
-__all__ = ["FRAME_MS", "StubConfig", "StubSynthesizer", "fake_codes"]
+__all__ = ["FRAME_MS", "StubConfig", "StubSynthesizer", "fake_codes", "stub_timing"]
 
 FRAME_MS = 1000 / 21.5  # the codec frame the stub imitates (S2 Pro)
 _SAMPLE_RATES = (16000, 22050, 24000, 44100, 48000)
@@ -74,6 +78,32 @@ class _Run:
 
     frequency: float  # Hz
     codes: np.ndarray  # (10, frames)
+    text: str  # the piece's spoken text
+
+
+_RUN = re.compile(r"\S+")
+_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
+
+
+def stub_timing(runs: list[_Run], samples_per_frame: int) -> Timing:
+    """Each run's samples shared among its characters: a word spans its characters, each letter is a phoneme
+    lasting one character's share, and a pause ("") starts at each word's end."""
+    words: list[WordTiming] = []
+    phonemes: list[PhonemeTiming] = []
+    start = 0
+    for run in runs:
+        samples = run.codes.shape[1] * samples_per_frame
+        at = lambda char: start + samples * char // len(run.text)  # noqa: E731 - sample where character `char` starts
+        for match in _RUN.finditer(run.text):
+            if not _LETTER_OR_DIGIT.search(match.group()):
+                continue
+            first, last = at(match.start()), at(match.end())
+            words.append(WordTiming(len(words), first, max(last, first + 1)))
+            phonemes.extend(PhonemeTiming(c.lower(), at(match.start() + i)) for i, c in enumerate(match.group())
+                            if _LETTER_OR_DIGIT.match(c))
+            phonemes.append(PhonemeTiming("", last))
+        start += samples
+    return Timing(words=tuple(words), phonemes=tuple(phonemes))
 
 
 def _plan(request: SynthesisRequest, config: StubConfig) -> list[_Run]:
@@ -87,7 +117,7 @@ def _plan(request: SynthesisRequest, config: StubConfig) -> list[_Run]:
         voice = request.voices.get(piece.speaker)
         seed = _digest("stub", piece.speaker, voice.voice if voice else "", piece.text)
         semitones = (piece.speaker * 5) % 24 + seed[8] % 5  # speaker sets the register, text nudges it
-        runs.append(_Run(110.0 * 2 ** (semitones / 12), fake_codes(seed, frames)))
+        runs.append(_Run(110.0 * 2 ** (semitones / 12), fake_codes(seed, frames), piece.text))
     return runs
 
 
@@ -118,7 +148,7 @@ class StubSynthesizer:
     def __init__(self, config: StubConfig | None = None) -> None:
         self.config = config or StubConfig()
         self.info = EngineInfo(name="stub", sample_rate=self.config.sample_rate, cloning=self.config.cloning,
-                               frame_ms=FRAME_MS)
+                               frame_ms=FRAME_MS, timing=True)
         self._started = False
         self._closed = False
 
@@ -147,7 +177,9 @@ class StubSynthesizer:
         step = self.config.samples_per_frame
         position = 0  # samples since the start of the request
         delay = self.config.ttft_ms
-        for run in _plan(request, self.config):
+        runs = _plan(request, self.config)
+        timing: Timing | None = stub_timing(runs, step)
+        for run in runs:
             for frame in range(run.codes.shape[1]):
                 await asyncio.sleep(delay / 1000)
                 if self._closed:
@@ -161,4 +193,5 @@ class StubSynthesizer:
                     if frame == run.codes.shape[1] - 1:
                         pcm[-ramp.size :] *= ramp[::-1]
                 position += step
-                yield AudioChunk(pcm=pcm, codes=run.codes[:, frame : frame + 1].copy())
+                yield AudioChunk(pcm=pcm, codes=run.codes[:, frame : frame + 1].copy(), timing=timing)
+                timing = None

@@ -16,6 +16,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from engine.alignment import Aligner
 from engine.base import Synthesizer, engine_stats
 from engine.pool import PoolEngine
 from realtime.config import ServerConfig
@@ -34,21 +35,25 @@ def create_app(
     engine: Synthesizer,
     store: SessionStore,
     store_status: Callable[[], Mapping[str, Any]] | None = None,
+    aligner: Aligner | None = None,
 ) -> Starlette:
-    """An app serving protocol v1 at /v1/realtime. Engine and store are started and closed by its lifespan.
-    ``store_status``: the embedded Redis's supervisor state, shown by /healthz (outage, restarts)."""
+    """An app serving protocol v1 at /v1/realtime. Engine, aligner and store are started and closed by its lifespan.
+    ``store_status``: the embedded Redis's supervisor state, shown by /healthz (outage, restarts). ``aligner``:
+    estimates word timing when the engine reports none (S2 Pro)."""
     metrics = Metrics()
     metrics.add_engine(lambda: engine_stats(engine))
-    gateway = Gateway(config, engine, store, metrics)
+    gateway = Gateway(config, engine, store, metrics, aligner=aligner)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.connect()
         await engine.start()
+        await gateway.start_aligner()
         try:
             yield
         finally:
             await gateway.shutdown(config.shutdown_timeout_s)
+            await gateway.close_aligner()
             await engine.aclose()
             await store.aclose()
 

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from engine.base import EngineError, Sampling, SynthesisRequest, Synthesizer, VoiceRef
+from engine.alignment import Aligner
+from engine.base import AudioChunk, EngineError, Sampling, SynthesisRequest, Synthesizer, VoiceRef
 from realtime.audio import AudioEncoder, OutputFormat, pcm16_to_float, read_audio_bytes
 from realtime.config import ServerConfig
 from realtime.liveness import ReadProbe
@@ -81,9 +82,11 @@ READY_HISTORY_TURNS = 50  # turns of text session.ready carries on resume
 class Gateway:
     """Shared state of one server process: engine, store, metrics, open connections, shutdown."""
 
-    def __init__(self, config: ServerConfig, engine: Synthesizer, store: SessionStore, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, engine: Synthesizer, store: SessionStore, metrics: Metrics,
+                 aligner: Aligner | None = None) -> None:
         self.config = config
         self.engine = engine
+        self._aligner = aligner  # estimates word timing for engines without it
         self.store = store
         self.metrics = metrics
         self.connections: set[Connection] = set()
@@ -92,6 +95,30 @@ class Gateway:
         self.codec_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="codec"
         )
+
+    @property
+    def aligner(self) -> Aligner | None:
+        """The aligner in use: only for an engine without timing of its own (a pool learns its engine at start)."""
+        return None if self.engine.info.timing else self._aligner
+
+    async def start_aligner(self) -> None:
+        """Start the aligner if the engine needs one; if it cannot start, word timing is off (said once)."""
+        if self.aligner is None:
+            return
+        try:
+            await self.aligner.start()
+        except EngineError as exc:
+            log.warning("no word timing for the %s engine: the aligner did not start: %s", self.engine.info.name, exc)
+            self._aligner = None
+
+    async def close_aligner(self) -> None:
+        if self._aligner is not None:
+            await self._aligner.aclose()
+
+    @property
+    def timing(self) -> str:
+        """Word timing as session.ready tells it: exact (from the engine), estimated (an aligner's) or none."""
+        return "exact" if self.engine.info.timing else "estimated" if self.aligner is not None else "none"
 
     def authorized(self, ws: WebSocket) -> bool:
         key = self.config.api_key
@@ -556,6 +583,7 @@ class Connection:
             max_frames=sampling.max_frames,
             limits=self.limits.turn,
         )
+        self.machine.timestamps = output.timestamps
         self.gw.metrics.sessions_open.inc()
         assert self._live is not None
         self._live.create_task(self._keep_lease(), name="lease")
@@ -588,7 +616,7 @@ class Connection:
         history = self.machine.history
         return SessionReady(
             session=self.session.id,
-            engine=self.gw.engine.info.to_wire(),
+            engine={**self.gw.engine.info.to_wire(), "timing": self.gw.timing},
             output=self.output.to_wire(),
             resumed=resumed,
             turns=len(history),
@@ -643,7 +671,8 @@ class Connection:
             await self._load_voices(list(msg.speakers))
             self.session.speakers = [Speaker(s.speaker, s.voice) for s in msg.speakers]
         self.output, self.sampling = output, sampling
-        self.machine.configure(output_frame_ms=output.frame_ms, max_frames=sampling.max_frames)
+        self.machine.configure(output_frame_ms=output.frame_ms, max_frames=sampling.max_frames,
+                               timestamps=output.timestamps)
         self._configure_mix()
         self.session.output, self.session.sampling = output.to_wire(), _sampling_to_wire(sampling)
         await self.gw.store.save_session(self.session)
@@ -761,19 +790,56 @@ class Connection:
             sampling=replace(self.sampling, max_frames=max_frames),
             session=self.session.id,
         )
+        aligner = self.gw.aligner
+        timed = info.timing or aligner is not None
+        # with output.timestamps the segment's words go out before its first packet: its audio waits for them
+        hold = self.output.timestamps != "none" and timed
+        held: list[AudioChunk] = []
+        made: list[np.ndarray] = []  # the segment's audio, for the aligner
+        complete = False
         stream = self.gw.engine.synthesize(request)
         try:
             async for chunk in stream:
-                keep, announce = machine.segment_audio(job.turn, job.segment, len(chunk.pcm), chunk.codes)
-                if announce is not None:
-                    await self.outbox.put_audio(announce)
-                if keep:
-                    pcm = chunk.pcm if keep == len(chunk.pcm) else chunk.pcm[:keep]
-                    await self._emit(job.turn, await self._encode(encoder.push, pcm))
+                if chunk.timing is not None and not complete:
+                    complete = chunk.timing.complete
+                    for msg in machine.segment_timing(job.turn, job.segment, chunk.timing):
+                        await self.outbox.put_audio(msg)
+                if aligner is not None:
+                    made.append(chunk.pcm)
+                if hold and not complete:
+                    held.append(chunk)
+                    continue
+                for ready in (*held, chunk):
+                    await self._chunk(job, encoder, ready)
+                held.clear()
                 if not machine.wants_audio(job.turn):
                     break
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+        if aligner is not None and not complete and made and machine.live(job.turn):
+            try:
+                timing = await aligner.align(job.text, job.speaker, np.concatenate(made), info.sample_rate)
+            except EngineError as exc:  # the turn goes on without word timing for this segment
+                log.warning("session %s: turn %d segment %d: no word timing: %s", self.sid, job.turn, job.segment, exc)
+                timing = None
+            if timing is not None:
+                for msg in machine.segment_timing(job.turn, job.segment, timing):
+                    await self.outbox.put_audio(msg)
+        for ready in held:  # the segment ended before its timing was complete
+            await self._chunk(job, encoder, ready)
+            if not machine.wants_audio(job.turn):
+                break
+
+    async def _chunk(self, job: Synthesize, encoder: AudioEncoder, chunk: AudioChunk) -> None:
+        """One engine chunk of a segment onto the wire: its samples kept (max_frames), its ``segment`` message
+        first, then its packets."""
+        assert self.machine is not None
+        keep, announce = self.machine.segment_audio(job.turn, job.segment, len(chunk.pcm), chunk.codes)
+        if announce is not None:
+            await self.outbox.put_audio(announce)
+        if keep:
+            pcm = chunk.pcm if keep == len(chunk.pcm) else chunk.pcm[:keep]
+            await self._emit(job.turn, await self._encode(encoder.push, pcm))
 
     async def _encode(self, fn: Callable[[np.ndarray], list[bytes]], pcm: np.ndarray) -> list[bytes]:
         """Resample + encode off the event loop (libopus and libsoxr release the GIL): the loop only moves bytes."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,7 +24,9 @@ from typing import TextIO
 
 import uvicorn
 
+from engine.alignment import ProportionalAligner
 from engine.base import Synthesizer
+from engine.espeak import EspeakConfig, EspeakSynthesizer
 from engine.pool import PoolEngine
 from realtime.app import create_app
 from realtime.config import ServerConfig
@@ -112,7 +115,10 @@ def serve(
             pool_desc = pool_desc or f"engine workers of pool {worker_pool}"
         assert engine is not None
         store = SessionStore(redis_url, session_ttl_s=config.session_ttl_s)
-        app = create_app(config, engine, store, None if embedded is None else lambda: embedded.status()._asdict())
+        # estimated word timing for an engine without its own (S2 Pro): the built-in voice's, spread over its audio
+        aligner = ProportionalAligner(EspeakSynthesizer(EspeakConfig(workers=min(2, os.cpu_count() or 1))))
+        app = create_app(config, engine, store, None if embedded is None else lambda: embedded.status()._asdict(),
+                         aligner=aligner)
         if embedded is not None:
             restarts = app.state.metrics.store_restarts
             embedded.on_restart = lambda status: restarts.inc()

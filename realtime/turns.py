@@ -24,9 +24,13 @@ States (``TurnState``)::
 While a turn is DONE its listener may still be hearing it (audio goes out up to ``lead_ms`` ahead of the ear), so a
 ``playback`` report still cuts it. What is stored for a turn (``Turn``): the words whose audio started before the
 cut, the codes of the frames that started before it, ``audio_ms`` = the cut. The cut is where the listener stopped
-(``playback.played_ms``), else what the socket sent; it only ever shrinks. Word positions come from the character
-position within the segment (no engine reports word timing yet): a word is kept when its first character lies
-before the cut's share of the segment's text.
+(``playback.played_ms``), else what the socket sent; it only ever shrinks. A segment with word timing
+(``segment_timing``: reported by the engine, or estimated by an aligner) keeps exactly the words whose ``start_ms``
+lies before the cut; one without keeps the words whose first character lies before the cut's share of its text.
+
+Word timing goes out (``output.timestamps``) as ``words`` and ``visemes`` messages, one each per segment, after its
+``segment`` message and before its first audio packet. Their times are the segment's engine samples counted from
+the turn's first sample, so they sit on the clock of ``audio.ms``.
 
 Stored turns are contiguous, in the order they started: turn i is appended only after turn i-1; an amendment (a
 later, shorter cut) replaces a stored record. With concurrent contexts, a turn that ends while an earlier one (another
@@ -46,7 +50,9 @@ from enum import Enum
 
 import numpy as np
 
-from engine.base import PastTurn
+from engine.base import PastTurn, Timing
+from engine.markup import plain_text, spoken_words
+from engine.visemes import viseme_of
 from realtime.protocol import (
     Audio,
     Cancel,
@@ -60,6 +66,8 @@ from realtime.protocol import (
     TurnDone,
     TurnEnd,
     TurnStarted,
+    Visemes,
+    Words,
 )
 from realtime.segmenter import DEFAULT_MAX_CHARS, Segmenter, last_speaker
 from sessions.model import Turn
@@ -170,6 +178,9 @@ class _Segment:
     speaker: int
     ready_at: float
     start_ms: float | None = None  # position of its first audio within the turn (output timeline)
+    start_sample: int = 0  # engine samples of the turn before it (set with start_ms)
+    heard_at: list[tuple[float, int]] | None = None  # word timing: (start_ms, end in .text) of each word heard
+    timed: bool = False  # its complete timing is known (and its words / visemes messages were made)
     samples: int = 0  # engine samples kept
     codes: list[np.ndarray] = field(default_factory=list)  # (10, k) int16 chunks
     finished: bool = False
@@ -239,6 +250,7 @@ class TurnMachine:
         self._early: dict[int, Turn] = {}  # remembered turns that finished before an earlier one (other context)
         self._store_down = False
         self.default_speaker = 0
+        self.timestamps = "none"  # output.timestamps: which timing messages go out (none | words | visemes)
 
     # ------------------------------------------------------------------ views
 
@@ -282,9 +294,9 @@ class TurnMachine:
         t = self._turns.get(turn)
         return t is not None and t.reason is None and t.state in IN_FLIGHT
 
-    def configure(self, *, output_frame_ms: float, max_frames: int) -> None:
+    def configure(self, *, output_frame_ms: float, max_frames: int, timestamps: str = "none") -> None:
         """New output / sampling settings (between turns: the gateway refuses session.update during one)."""
-        self.output_frame_ms, self.max_frames = output_frame_ms, max_frames
+        self.output_frame_ms, self.max_frames, self.timestamps = output_frame_ms, max_frames, timestamps
 
     # ------------------------------------------------------------------ client messages
 
@@ -455,10 +467,7 @@ class TurnMachine:
         ``segment`` message to send before its first packet (None after the first chunk)."""
         t = self._turns[turn]
         seg = t.segments[segment]
-        announce = None
-        if seg.start_ms is None:
-            seg.start_ms = t.made * t.frame_ms
-            announce = Segment(turn=turn, text=seg.text, ms=round(seg.start_ms, 3), context=t.context or None)
+        announce = self._begin(t, seg)
         left = self._samples_left(t)
         keep = samples if left is None else min(samples, left)
         if codes is not None and self.frame_ms is not None:
@@ -473,6 +482,58 @@ class TurnMachine:
         if left is not None and keep >= left and t.reason is None:
             t.reason = "length"  # the turn's frame budget is spent: no more segments
         return keep, announce
+
+    @staticmethod
+    def _begin(t: _Turn, seg: _Segment) -> Segment | None:
+        """Place the segment on the turn's timeline at its first audio (or timing): its ``segment`` message, once."""
+        if seg.start_ms is not None:
+            return None
+        seg.start_ms = t.made * t.frame_ms
+        seg.start_sample = t.samples
+        return Segment(turn=t.index, text=plain_text(seg.text), ms=round(seg.start_ms, 3), context=t.context or None,
+                       speaker=seg.speaker, markup=seg.text)
+
+    def segment_timing(self, turn: int, segment: int, timing: Timing) -> list[ServerMessage]:
+        """When the segment's words are heard (engine sample positions from the segment's start): remembered for
+        the cut (each report replaces the last), and the messages to queue before its first packet — ``segment``
+        if not yet sent, then, once the timing is complete, ``words`` and ``visemes`` as ``output.timestamps``
+        asks. With timestamps the gateway holds the segment's audio until then; without, timing may come after
+        the audio. Words past the turn's frame budget are never heard and are left out."""
+        t = self._turns.get(turn)
+        if t is None or not self.live(turn):
+            return []
+        seg = t.segments[segment]
+        out: list[ServerMessage] = []
+        announce = self._begin(t, seg)
+        if announce is not None:
+            out.append(announce)
+        left = self._samples_left(t)
+        limit = math.inf if left is None else seg.samples + left  # samples of this segment that may be heard
+        ms = lambda sample: round((seg.start_sample + min(sample, limit)) * 1000.0 / self.sample_rate, 1)  # noqa: E731
+        written = spoken_words(seg.text)
+        heard: list[tuple[float, int]] = []
+        words: list[dict[str, object]] = []
+        for w in timing.words:
+            if w.word >= len(written) or w.start >= limit:
+                break
+            heard.append((ms(w.start), written[w.word].end))
+            words.append({"text": written[w.word].text, "start_ms": ms(w.start), "end_ms": ms(w.end)})
+        seg.heard_at = heard
+        if self.timestamps == "none" or not timing.complete or seg.timed:
+            return out
+        seg.timed = True
+        context = t.context or None
+        out.append(Words(turn=turn, words=tuple(words), estimated=timing.estimated, context=context))
+        if self.timestamps == "visemes":
+            visemes: list[dict[str, object]] = []
+            for p in timing.phonemes:
+                if p.start >= limit:
+                    break
+                shape = viseme_of(p.phoneme)
+                if not visemes or visemes[-1]["id"] != shape:
+                    visemes.append({"id": shape, "start_ms": ms(p.start)})
+            out.append(Visemes(turn=turn, visemes=tuple(visemes), context=context))
+        return out
 
     def packet(self, turn: int, data: bytes) -> Audio | None:
         """An encoded packet of ``turn`` is ready to queue: its ``audio`` message, or None if the turn was stopped."""
@@ -581,8 +642,13 @@ class TurnMachine:
                 break
             end = started[i + 1].start_ms if i + 1 < len(started) else total
             assert end is not None
-            share = 1.0 if end <= seg.start_ms or kept >= end else (kept - seg.start_ms) / (end - seg.start_ms)
-            text = cut_text(seg.text, share)
+            if seg.heard_at:  # word timing: exactly the words that had started
+                heard = [stop for start, stop in seg.heard_at if start < kept]
+                whole = len(heard) == len(spoken_words(seg.text))
+                text = seg.text if whole else seg.text[: heard[-1]].rstrip() if heard else ""
+            else:
+                share = 1.0 if end <= seg.start_ms or kept >= end else (kept - seg.start_ms) / (end - seg.start_ms)
+                text = cut_text(seg.text, share)
             if text:
                 parts.append(text)
         chunks = [c for s in started for c in s.codes]

@@ -203,7 +203,8 @@ async def test_a_consumer_that_stops_pulling_stops_the_worker(single: EspeakSynt
     stream = single.synthesize(SynthesisRequest(LONG))
     await anext(stream)
     await asyncio.sleep(0.5)  # unthrottled, espeak-ng would make minutes of audio in this time
-    assert single.stats().chunks_received - before <= window + 1
+    # the window, plus the chunk pulled, plus the one held back so the last chunk can carry the timing
+    assert single.stats().chunks_received - before <= window + 2
     assert single.stats().busy == 1
     rest = 0
     async with asyncio.timeout(30):

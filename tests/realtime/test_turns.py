@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.base import PhonemeTiming, Timing, WordTiming
 from realtime.protocol import (
     Audio,
     Cancel,
@@ -26,6 +28,8 @@ from realtime.protocol import (
     TurnDone,
     TurnEnd,
     TurnStarted,
+    Visemes,
+    Words,
 )
 from realtime.turns import Finish, Limits, Send, Stop, Stream, Synthesize, TurnMachine, TurnState, cut_text
 from sessions.model import Turn
@@ -44,6 +48,7 @@ class Sim:
     max_frames: int = 2048
     frames_per_segment: int = 3
     limits: Limits = field(default_factory=Limits)
+    timing: Callable[[Synthesize], Timing] | None = None  # the engine's word timing, known before its audio
 
     def __post_init__(self) -> None:
         self.now = 0.0
@@ -69,7 +74,8 @@ class Sim:
             elif isinstance(out, Stream):
                 self.stream.append(out.message)
             elif isinstance(out, Stop):
-                self.stream = [m for m in self.stream if not (isinstance(m, (Audio, Segment)) and m.turn in out.turns)]
+                self.stream = [m for m in self.stream
+                               if not (isinstance(m, (Audio, Segment, Words, Visemes)) and m.turn in out.turns)]
 
     def send(self, msg: object) -> None:
         self.now += 0.01
@@ -89,6 +95,8 @@ class Sim:
             self.apply(self.m.audio_finished(job.turn))
             return True
         assert isinstance(job, Synthesize)
+        if self.timing is not None:
+            self.stream.extend(self.m.segment_timing(job.turn, job.segment, self.timing(job)))
         for k in range(self.frames_per_segment if frames is None else frames):
             codes = np.full((10, 1), job.segment * 100 + k, dtype=np.int16)
             keep, announce = self.m.segment_audio(job.turn, job.segment, FRAME, codes)
@@ -165,7 +173,7 @@ class Sim:
 
 
 def texts(sim: Sim) -> list[str]:
-    return [m.text for m in sim.of(Segment)]
+    return [m.markup for m in sim.of(Segment)]
 
 
 # ---------------------------------------------------------------------------------------------- segmentation
@@ -668,3 +676,71 @@ def test_a_turn_held_open_in_one_context_does_not_hold_back_the_others() -> None
     sim.send(TurnEnd(context="a"))
     sim.run()
     assert (sim.stored[0].state, sim.stored[0].text) == ("complete", "Still thinking and done.")  # amended
+
+
+# ---------------------------------------------------------------------------------------------- word timing
+
+# "One two three four." as an engine might time it: word i starts at STARTS[i] samples from the segment's start
+STARTS = (0, 1000, 5000, 9000)
+WORD_TIMING = Timing(
+    words=tuple(WordTiming(i, s, e) for i, (s, e) in enumerate(zip(STARTS, (*STARTS[1:], 12000)))),
+    phonemes=(PhonemeTiming("w", 0), PhonemeTiming("ʌ", 400), PhonemeTiming("t", 1000), PhonemeTiming("uː", 1500),
+              PhonemeTiming("", 12000)),
+)
+
+
+def ms_of(sample: int) -> float:
+    return round(sample * 1000.0 / RATE, 1)
+
+
+@pytest.mark.parametrize("played", [ms_of(5000) - 0.1, ms_of(5000) + 0.1, ms_of(9000) + 0.1, 0.0])
+def test_a_cut_with_word_timing_keeps_exactly_the_words_started_before_it(played: float) -> None:
+    sim = Sim(frames_per_segment=6, timing=lambda job: WORD_TIMING)
+    turn = sim.say("One two three four.")
+    sim.send(Playback(turn=turn, played_ms=played))
+    while sim.write():
+        pass
+    heard = [w for w, start in zip("One two three four.".split(), STARTS) if ms_of(start) < played]
+    assert sim.stored[turn].text == " ".join(heard)
+
+
+def test_word_timing_goes_out_before_the_audio_it_covers() -> None:
+    sim = Sim(frames_per_segment=6, timing=lambda job: WORD_TIMING)
+    sim.m.timestamps = "visemes"
+    sim.say("[whisper] One two. <|speaker:2|>three four.")
+    kinds = [type(m).__name__ for m in sim.got if not isinstance(m, TurnStarted)]
+    # each segment: segment, words, visemes, then its audio
+    assert kinds[:3] == ["Segment", "Words", "Visemes"] and kinds[3] == "Audio"
+    segments, words = sim.of(Segment), sim.of(Words)
+    assert [(s.text, s.markup, s.speaker) for s in segments] == [
+        ("One two.", "[whisper] One two.", 0),
+        ("three four.", "<|speaker:2|>three four.", 0),
+    ]
+    first = words[0]
+    assert [w["text"] for w in first.words] == ["One", "two."] and first.estimated is False
+    assert [w["start_ms"] for w in first.words] == [ms_of(0), ms_of(1000)]
+    # the second segment's times continue on the turn's clock, from its first sample
+    offset = 6 * FRAME
+    assert [w["start_ms"] for w in words[1].words] == [ms_of(offset), ms_of(offset + 1000)]
+    visemes = sim.of(Visemes)[0].visemes
+    assert [v["id"] for v in visemes] == [14, 10, 4, 14, 0] and visemes[1]["start_ms"] == ms_of(400)
+
+
+def test_without_timestamps_no_timing_messages_go_out_but_the_cut_uses_them() -> None:
+    sim = Sim(frames_per_segment=6, timing=lambda job: WORD_TIMING)
+    turn = sim.say("One two three four.")
+    assert not sim.of(Words) and not sim.of(Visemes)
+    assert sim.of(Segment)[0].text == "One two three four."
+    sim.send(Playback(turn=turn, played_ms=ms_of(1000) + 0.1))
+    while sim.write():
+        pass
+    assert sim.stored[turn].text == "One two"
+
+
+def test_words_past_the_frame_budget_are_left_out() -> None:
+    sim = Sim(frames_per_segment=6, max_frames=3, timing=lambda job: WORD_TIMING)  # 3 frames = 6144 samples
+    sim.m.timestamps = "words"
+    sim.say("One two three four.")
+    words = sim.of(Words)[0].words
+    assert [w["text"] for w in words] == ["One", "two", "three"]
+    assert words[-1]["end_ms"] == ms_of(3 * FRAME)  # the last one heard is cut where the audio stops
