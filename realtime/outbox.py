@@ -16,7 +16,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 
-from realtime.protocol import Audio, Segment, ServerMessage
+from realtime.protocol import Audio, Segment, ServerMessage, Visemes, Words
 
 
 class OutboxFull(Exception):
@@ -87,7 +87,7 @@ class Outbox:
         self._readable.set()
 
     def drop_audio(self, turns: set[int]) -> int:
-        kept = [m for m in self._audio if not (isinstance(m, (Audio, Segment)) and m.turn in turns)]
+        kept = [m for m in self._audio if not (isinstance(m, (Audio, Segment, Words, Visemes)) and m.turn in turns)]
         dropped = len(self._audio) - len(kept)
         self._audio = deque(kept)
         self._audio_space.set()

@@ -158,7 +158,8 @@ async def kill_mid_conversation(server: PoolServer, session: str, long_turn: dic
     turns = await server.turns(session)
     assert [t.index for t in turns] == [0, 1, 2, 3, 4]
     assert [t.state == "error" for t in turns] == [False, False, True, False, False]
-    assert turns[2].text.startswith("This is sentence number 0") and turns[2].audio_ms >= 100  # what was heard
+    heard = turns[2].text  # the words that had started when the worker died (the stub's timing is exact)
+    assert heard.startswith("This") and LONG.startswith(heard) and turns[2].audio_ms >= 100
     assert all(t.codes is not None and t.codes.shape[0] == 10 and t.codes.shape[1] > 0 for t in turns)
 
     metrics = httpx.get(f"{server.srv.http}/metrics").text
