@@ -1,4 +1,5 @@
-"""Audio for the wire: output formats, streaming encoders (Opus, PCM16, G.711 mu-law) and reference-audio readers.
+"""Audio for the wire: output formats, streaming encoders (Opus, PCM16, G.711 mu-law and A-law) and reference-audio
+readers.
 
 ``AudioEncoder`` turns engine PCM (float32 mono at the engine's rate) into wire packets: it resamples in streaming
 fashion (libsoxr, state carried across calls), cuts fixed frames and encodes each one. All per-sample work is
@@ -9,7 +10,7 @@ Choices:
   we want the fidelity-oriented mode (no VoIP high-pass / speech enhancement), while the VOICE hint still biases
   the mode decision toward SILK/hybrid at low bitrates. No FEC and no DTX: the transport (WebSocket/TCP) does not
   lose packets and pacing wants a packet per frame.
-- pcm16 and mulaw frames: ``frame_ms`` is a multiple of 10 within [10, 100], and a frame must hold a whole number
+- pcm16, mulaw and alaw frames: ``frame_ms`` is a multiple of 10 within [10, 100], and a frame must hold a whole number
   of samples (``sample_rate * frame_ms`` divisible by 1000; e.g. 22050 Hz needs a multiple of 20 ms).
 - The Opus encoder's lookahead (``AudioEncoder.codec_delay``, 6.5 ms at 48 kHz) is not padded by ``flush``: the
   packet count is exactly ``ceil(samples / frame)``, and what a decoder drops at the end is that lookahead.
@@ -36,6 +37,8 @@ __all__ = [
     "OutputFormat",
     "decode_opus",
     "float_to_pcm16",
+    "alaw_decode",
+    "alaw_encode",
     "mulaw_decode",
     "mulaw_encode",
     "pcm16_to_float",
@@ -44,7 +47,8 @@ __all__ = [
     "write_wav",
 ]
 
-CODECS = ("opus", "pcm16", "mulaw")
+CODECS = ("opus", "pcm16", "mulaw", "alaw")
+G711 = ("mulaw", "alaw")  # 8 kHz telephony codecs
 TIMESTAMPS = ("none", "words", "visemes")  # output.timestamps: visemes includes words
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 OPUS_FRAME_MS = (10, 20, 40, 60)
@@ -94,8 +98,8 @@ class OutputFormat:
             if frame not in OPUS_FRAME_MS:
                 raise ValueError(f"output.frame_ms for opus must be one of {OPUS_FRAME_MS}, got {frame}")
             return
-        if self.codec == "mulaw" and rate != 8000:
-            raise ValueError(f"output.sample_rate for mulaw must be 8000 (G.711), got {rate}")
+        if self.codec in G711 and rate != 8000:
+            raise ValueError(f"output.sample_rate for {self.codec} must be 8000 (G.711), got {rate}")
         if frame % 10:
             raise ValueError(f"output.frame_ms for {self.codec} must be a multiple of 10, got {frame}")
         if rate * frame % 1000:
@@ -112,8 +116,8 @@ class OutputFormat:
     def from_wire(cls, d: Mapping[str, object] | None, base: OutputFormat | None = None) -> OutputFormat:
         """Settings from a wire map: unknown keys ignored, missing (or null) keys taken from ``base``.
 
-        A missing ``sample_rate`` follows the codec where it has to: 8000 for mulaw, and back to 48000 when
-        switching away from mulaw."""
+        A missing ``sample_rate`` follows the codec where it has to: 8000 for mulaw and alaw, and back to 48000 when
+        switching away from them."""
         base = base if base is not None else cls()
         if d is None:
             return base
@@ -127,9 +131,9 @@ class OutputFormat:
         codec = get("codec", base.codec)
         if d.get("sample_rate") is not None:
             rate = d["sample_rate"]
-        elif codec == "mulaw":
+        elif codec in G711:
             rate = 8000
-        elif base.codec == "mulaw":
+        elif base.codec in G711:
             rate = cls.sample_rate
         else:
             rate = base.sample_rate
@@ -199,6 +203,39 @@ def mulaw_decode(b: bytes) -> np.ndarray:
     return _MULAW_DECODE[np.frombuffer(b, dtype=np.uint8)].astype(np.float32) / np.float32(32768.0)
 
 
+# A-law: 13-bit magnitudes in eight segments; even bits inverted on the wire (XOR 0x55), sign bit set for positive
+_ALAW_SEGMENT_ENDS = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF], dtype=np.int32)
+
+
+def _alaw_decode_table() -> np.ndarray:
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    segment = (a & 0x70) >> 4
+    t = ((a & 0x0F) << 4) + np.where(segment == 0, 8, 0x108)
+    t = np.where(segment > 1, t << np.maximum(segment - 1, 0), t)
+    return np.where(a & 0x80, t, -t).astype(np.int16)
+
+
+_ALAW_DECODE = _alaw_decode_table()
+
+
+def alaw_encode(x: np.ndarray) -> bytes:
+    """Float samples to G.711 A-law bytes, vectorised."""
+    s = np.clip(np.rint(np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0) * 32768.0), -32768, 32767)
+    s = s.astype(np.int32) >> 3  # 13-bit
+    mask = np.where(s >= 0, 0xD5, 0x55)
+    mag = np.where(s >= 0, s, -s - 1)
+    segment = np.searchsorted(_ALAW_SEGMENT_ENDS, mag)  # first end >= mag; 8 when over the top
+    shift = np.where(segment < 2, 1, segment)
+    value = (np.minimum(segment, 7) << 4) | ((mag >> shift) & 0x0F)
+    value = np.where(segment >= 8, 0x7F, value)
+    return ((value ^ mask) & 0xFF).astype(np.uint8).tobytes()
+
+
+def alaw_decode(b: bytes) -> np.ndarray:
+    """G.711 A-law bytes to float32 samples."""
+    return _ALAW_DECODE[np.frombuffer(b, dtype=np.uint8)].astype(np.float32) / np.float32(32768.0)
+
+
 # ---------------------------------------------------------------------------------------------------- encoder
 
 
@@ -232,7 +269,7 @@ class AudioEncoder:
 
     @property
     def codec_delay(self) -> int:
-        """Samples (at the output rate) by which decoded Opus lags the input; 0 for pcm16/mulaw."""
+        """Samples (at the output rate) by which decoded Opus lags the input; 0 for pcm16 and G.711."""
         return int(self._opus.lookahead) if self._opus is not None else 0
 
     def push(self, pcm: np.ndarray) -> list[bytes]:
@@ -269,9 +306,12 @@ class AudioEncoder:
             state, spf = self._opus.encoder_state, self._spf
             frames = np.ascontiguousarray(np.clip(frames, -1.0, 1.0), dtype=np.float32)
             return [opuslib_next.api.encoder.encode_float(state, f.tobytes(), spf, _OPUS_MAX_PACKET) for f in frames]
-        data = float_to_pcm16(frames) if self.format.codec == "pcm16" else mulaw_encode(frames)
+        data = _SAMPLE_CODECS[self.format.codec](frames)
         size = len(data) // n
         return [data[i * size : (i + 1) * size] for i in range(n)]
+
+
+_SAMPLE_CODECS = {"pcm16": float_to_pcm16, "mulaw": mulaw_encode, "alaw": alaw_encode}
 
 
 def decode_opus(packets: Iterable[bytes], sample_rate: int = 48000) -> np.ndarray:

@@ -19,6 +19,8 @@ from realtime.audio import (
     OutputFormat,
     decode_opus,
     float_to_pcm16,
+    alaw_decode,
+    alaw_encode,
     mulaw_decode,
     mulaw_encode,
     pcm16_to_float,
@@ -142,6 +144,24 @@ def test_mulaw_round_trip_error_bounded() -> None:
     x = speech_like(8000)
     rel = np.sqrt(np.mean((mulaw_decode(mulaw_encode(x)) - x) ** 2) / np.mean(x**2))
     assert rel < 0.03  # ~ 38 dB SNR: G.711's usual
+
+
+def test_alaw_reference_values() -> None:
+    """G.711 A-law: silence is 0xD5 / 0x55 (even bits inverted), full scale 0xAA / 0x2A; every code decodes to
+    a value that encodes back to itself."""
+    assert alaw_encode(np.array([0.0, -8 / 32768, 1.0, -1.0], np.float32)) == bytes([0xD5, 0x55, 0xAA, 0x2A])
+    assert list(np.rint(alaw_decode(bytes([0xD5, 0x55, 0xAA, 0x2A])) * 32768)) == [8, -8, 32256, -32256]
+    codes = bytes(range(256))
+    assert alaw_encode(alaw_decode(codes)) == codes
+
+
+def test_alaw_round_trip_error_bounded() -> None:
+    x = (0.5 * np.sin(np.linspace(0, 200, 8000))).astype(np.float32)
+    rel = np.sqrt(np.mean((alaw_decode(alaw_encode(x)) - x) ** 2) / np.mean(x**2))
+    assert rel < 0.02  # about 35 dB SNR, as G.711 promises
+    enc = AudioEncoder(OutputFormat.from_wire({"codec": "alaw"}), 24000)
+    assert enc.format.sample_rate == 8000
+    assert [len(p) for p in enc.push(np.zeros(2400, np.float32)) + enc.flush()] == [160] * 5
 
 
 def test_mulaw_8khz_is_8_bytes_per_ms() -> None:
