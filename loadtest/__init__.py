@@ -7,7 +7,8 @@ Three steps, each usable alone:
    clock-driven player, and may barge in. Every event is timestamped and written raw (``raw/events.msgpack``)
    as it happens; nothing is summarised while the load runs.
 2. ``stats`` reads the raw events, rejects impossible orderings, excludes the warm-up, and computes TTFA,
-   packet gaps, underruns, real-time factor, errors, the bare WebSocket round-trip floor and server CPU
+   packet gaps, underruns, real-time factor, errors, the bare WebSocket round-trip floor, server CPU and (with
+   ``--timestamps``) the word timing messages, each of which must come before the audio it covers
    (``summary.json``).
 3. ``report`` draws the plots (matplotlib) and writes ``report.html``.
 

@@ -3,6 +3,7 @@
     shoal loadtest --url ws://127.0.0.1:8000/v1/realtime --sessions 100 --duration 30 --out DIR
     shoal loadtest --serve stub --stub-ttft-ms 0 --sessions 100 --duration 30 --out DIR
     shoal loadtest --serve stub --sessions 50 --contexts 2 --out DIR     # two characters talking at once per session
+    shoal loadtest --serve espeak --timestamps words --out DIR           # word timing: counted, and checked for order
     shoal loadtest sweep --serve stub --start 100 --step 100 --max-sessions 800 --out DIR
     shoal loadtest report --out DIR          # recompute summary.json and the report from DIR/raw
 
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.config import SwarmConfig
+from loadtest.config import TIMESTAMPS, SwarmConfig
 
 
 def _range(kind: type) -> Any:
@@ -74,6 +75,9 @@ def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
     load.add_argument("--sample-rate", type=int, default=48000)
     load.add_argument("--frame-ms", type=int, default=20)
     load.add_argument("--lead-ms", type=int, default=None, help="output.lead_ms (default: the server's)")
+    load.add_argument("--timestamps", choices=TIMESTAMPS, default="none",
+                      help="output.timestamps: ask for word timing (`words`, and `visemes` with visemes); each words "
+                           "message must arrive before the audio it covers (default none)")
     load.add_argument("--prebuffer-ms", type=float, default=40.0, help="player jitter buffer: playback starts once this much audio is in (default 40)")
     load.add_argument("--compression", action="store_true", help="offer permessage-deflate, as browsers do")
     load.add_argument("--floor-probes", type=int, default=8, help="bare WebSocket round-trip probes (default 8)")
@@ -114,6 +118,7 @@ def _config(args: argparse.Namespace, url: str) -> SwarmConfig:
         sample_rate=args.sample_rate,
         frame_ms=args.frame_ms,
         lead_ms=args.lead_ms,
+        timestamps=args.timestamps,
         prebuffer_ms=args.prebuffer_ms,
         compression=args.compression,
         floor_probes=args.floor_probes,
@@ -121,6 +126,8 @@ def _config(args: argparse.Namespace, url: str) -> SwarmConfig:
 
 
 def _print_summary(s: dict[str, Any], out_dir: Path) -> None:
+    from loadtest.stats import timing_shown
+
     def d(x: dict[str, Any]) -> str:
         return "–" if x.get("p50") is None else f"p50 {x['p50']:.1f} p90 {x['p90']:.1f} p99 {x['p99']:.1f} max {x['max']:.1f}"
 
@@ -138,6 +145,10 @@ def _print_summary(s: dict[str, Any], out_dir: Path) -> None:
               f"with others in flight {d(ctx['ttfa_ms_with_others'])}")
         print(f"               first round, later context's TTFA / first's: {ratio}; interleaved turns "
               f"{ctx['interleaved_turns']}; streams peak {s['streams_peak']} ({ctx['streams_peak_in_session']} in one session)")
+    if timing_shown(s):
+        timing = s["timing"]
+        print(f"word timing    {timing['requested']}: {timing['words_messages']} words messages ({timing['words']} words, "
+              f"{timing['estimated_messages']} estimated), {timing['visemes_messages']} visemes messages")
     print(f"underruns      {s['underruns']} ({s['underrun_ms']:.1f} ms), errors {s['errors']} {s['errors_by_code'] or ''}")
     print(f"server CPU %   mean {cpu['server']['mean']} (+children {cpu['server_children']['mean']}), "
           f"per stream {cpu['server_per_stream']}; client {cpu['client']['mean']}"

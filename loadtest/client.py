@@ -348,6 +348,12 @@ class SimSession:
                     state.first_audio.set()
         elif mtype == "segment":
             rec.event("seg", now, sid, msg["turn"], msg["ms"], msg["text"], msg.get("context"))
+        elif mtype == "words":
+            words = msg["words"]
+            first_ms = words[0]["start_ms"] if words else None
+            rec.event("w", now, sid, msg["turn"], len(words), first_ms, bool(msg["estimated"]), msg.get("context"))
+        elif mtype == "visemes":
+            rec.event("v", now, sid, msg["turn"], len(msg["visemes"]), msg.get("context"))
         elif mtype == "turn.started":
             ctx = msg.get("context")
             rec.event("ts", now, sid, msg["turn"], msg["speaker"], ctx)

@@ -13,6 +13,7 @@ MAX_SESSIONS = 5000
 MAX_DURATION_S = 3600.0
 MAX_TURNS = 10_000  # per session
 MAX_CONTEXTS = 64  # per session (the server allows 8 by default; more shows its `limit` error)
+TIMESTAMPS = ("none", "words", "visemes")  # output.timestamps (visemes includes words)
 
 
 def check_loopback(url: str) -> str:
@@ -61,6 +62,7 @@ class SwarmConfig:
     sample_rate: int = 48000
     frame_ms: int = 20
     lead_ms: int | None = None  # None: the server's default
+    timestamps: str = "none"  # output.timestamps: ask for `words` (and `visemes`) messages
     prebuffer_ms: float = 40.0  # jitter buffer: playback starts once this much is buffered (0: at the first packet)
     compression: bool = False  # offer permessage-deflate (browsers do; Opus does not compress)
     floor_probes: int = 8  # connections measuring the bare WebSocket round trip during the run (0: none)
@@ -99,6 +101,8 @@ class SwarmConfig:
         _finite("think_s", thi, tlo, 60.0)
         if self.codec not in ("opus", "pcm16", "mulaw"):
             raise ValueError(f"codec must be opus, pcm16 or mulaw, got {self.codec!r}")
+        if self.timestamps not in TIMESTAMPS:
+            raise ValueError(f"timestamps must be one of {', '.join(TIMESTAMPS)}, got {self.timestamps!r}")
         if not 0 <= self.floor_probes <= 256:
             raise ValueError("floor_probes must be within [0, 256]")
         if self.ramp_s >= self.duration_s and self.sessions > 1:
@@ -118,6 +122,8 @@ class SwarmConfig:
         out: dict[str, Any] = {"codec": self.codec, "sample_rate": self.sample_rate, "frame_ms": self.frame_ms}
         if self.lead_ms is not None:
             out["lead_ms"] = self.lead_ms
+        if self.timestamps != "none":  # left out otherwise: the session.start of before word timing
+            out["timestamps"] = self.timestamps
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -12,6 +12,8 @@ Kinds and their fields:
     ts     t sid turn speaker context                  turn.started
     seg    t sid turn ms text context                  segment
     a      t sid turn seq ms nbytes context            audio
+    w      t sid turn n first_ms estimated context     words (n words; first_ms: the first word's start_ms, None if n is 0)
+    v      t sid turn n context                        visemes (n visemes)
     done   t sid turn reason audio_ms frames ttfa_ms underruns underrun_ms context
                                                        turn.done (+ the live player's counts)
     err    t sid code message fatal                    error from the server, or a client-side failure

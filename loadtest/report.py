@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.stats import Analysis
+from loadtest.stats import Analysis, timing_shown
 
 
 def _figure(width: float = 7.5, height: float = 4.0) -> Any:
@@ -166,6 +166,7 @@ def _rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("audio after cancel: packets; cancel → last packet ms", f"{s['audio_after_cancel']['packets']}; "
                                                                  f"{_fmt(s['audio_after_cancel']['last_ms'])}"),
         ("errors", f"{s['errors']} {s['errors_by_code'] or ''}"),
+        *_timing_rows(s),
         ("audio seconds (measured)", f"{s['audio_seconds']} ({s['audio_seconds_measured']})"),
         ("server CPU % mean / max", _mean_max(cpu["server"])),
         ("server children CPU % mean / max", _mean_max(cpu["server_children"])),
@@ -176,6 +177,14 @@ def _rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("client loop lag ms", _fmt(s["client_lag_ms"]) + (" (client saturated!)" if s["client_saturated"] else "")),
         ("sanity", "ok" if s["sanity"]["ok"] else f"FAILED {s['sanity']['violations']}"),
     ]
+
+
+def _timing_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    if not timing_shown(s):
+        return []
+    t = s["timing"]
+    return [(f"word timing ({t['requested']}): words messages (words, estimated); visemes messages (visemes)",
+             f"{t['words_messages']} ({t['words']}, {t['estimated_messages']}); {t['visemes_messages']} ({t['visemes']})")]
 
 
 def _mean(d: dict[str, Any] | None) -> str:

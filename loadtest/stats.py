@@ -12,6 +12,11 @@ Definitions (all times on the load-test client's clock):
   plays (pacing keeps long turns just under 1).
 - cancel: from sending ``cancel`` to ``turn.done``; ``audio_after_cancel`` counts the cancelled turn's audio that
   still arrived after the cancel was sent (in flight, or sent late), and how long after.
+- word timing (``--timestamps``): ``timing`` counts the ``words`` and ``visemes`` messages. A ``words`` message
+  must arrive before the first audio packet it covers: when it arrives, no audio packet of its turn already
+  received may end (``ms + frame_ms``) after its first word's ``start_ms`` (sanity rule ``words_after_audio``); it
+  follows its segment's ``segment`` (``words_before_segment``), ``visemes`` follow their ``words``
+  (``visemes_before_words``), and neither comes unasked (``timing_unrequested``).
 - floor: a bare WebSocket round trip (:mod:`loadtest.floor`); overhead = TTFA percentile - floor percentile.
 - streams: audio seconds received in the measured window / window length (average concurrent real-time streams);
   every playing context counts. ``streams_peak``: the most turns playing at once (a turn plays from its player's
@@ -71,6 +76,9 @@ class TurnLog:
     t_started: float | None = None  # turn.started
     segments: list[tuple[float, float, str]] = field(default_factory=list)  # (t, ms, text)
     audio: list[float] = field(default_factory=list)  # arrival times
+    audio_end_ms: float = 0.0  # the latest end (ms + frame_ms, turn time) of the audio received so far, cancelled too
+    words_messages: int = 0
+    visemes_messages: int = 0
     audio_after_cancel: int = 0
     t_last_after_cancel: float | None = None
     last_seq: int = -1
@@ -151,6 +159,54 @@ class _Sanity:
 
 
 @dataclass
+class _Timing:
+    """The word timing traffic (``words`` and ``visemes`` messages) and its ordering rules."""
+
+    requested: str  # output.timestamps: none | words | visemes
+    words_messages: int = 0
+    words: int = 0
+    estimated_messages: int = 0
+    visemes_messages: int = 0
+    visemes: int = 0
+
+    def on_words(self, sanity: _Sanity, log: TurnLog, n: int, first_ms: float | None, estimated: bool) -> None:
+        self.words_messages += 1
+        self.words += n
+        self.estimated_messages += bool(estimated)
+        where = f"session {log.sid} turn {log.k}"
+        if self.requested == "none":
+            sanity.fail("timing_unrequested", f"{where}: words with output.timestamps none")
+        log.words_messages += 1
+        if log.words_messages > len(log.segments):
+            sanity.fail("words_before_segment", f"{where}: words message {log.words_messages}, segments {len(log.segments)}")
+        if first_ms is not None and log.audio_end_ms > first_ms + 1e-6:
+            sanity.fail("words_after_audio", f"{where}: words from {first_ms} ms after audio up to {log.audio_end_ms} ms")
+
+    def on_visemes(self, sanity: _Sanity, log: TurnLog, n: int) -> None:
+        self.visemes_messages += 1
+        self.visemes += n
+        where = f"session {log.sid} turn {log.k}"
+        if self.requested != "visemes":
+            sanity.fail("timing_unrequested", f"{where}: visemes with output.timestamps {self.requested}")
+        log.visemes_messages += 1
+        if log.visemes_messages > log.words_messages:
+            sanity.fail("visemes_before_words", f"{where}: visemes message {log.visemes_messages}, words {log.words_messages}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested, "words_messages": self.words_messages, "words": self.words,
+            "estimated_messages": self.estimated_messages, "visemes_messages": self.visemes_messages,
+            "visemes": self.visemes,
+        }
+
+
+def timing_shown(summary: dict[str, Any]) -> bool:
+    """Is a summary's word timing worth a line: asked for, or (unasked) seen? (Summaries before it have none.)"""
+    t = summary.get("timing")
+    return bool(t) and (t["requested"] != "none" or t["words_messages"] + t["visemes_messages"] > 0)
+
+
+@dataclass
 class Analysis:
     """Everything the report needs: the summary plus per-turn rows and time series."""
 
@@ -171,6 +227,7 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
     context_ids: set[str | None] = {None} if n_contexts == 1 else {f"c{c}" for c in range(n_contexts)}
     duration = float(config["duration_s"])
     sanity = _Sanity()
+    timing = _Timing(str(config.get("timestamps", "none")))
     sessions: dict[int, _SessionLog] = {}
     errors: Counter[str] = Counter()
     fatal_errors = 0
@@ -206,6 +263,7 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
             log = turn_of(s, turn, "audio", rest[0] if rest else None)
             if log is None:
                 continue
+            log.audio_end_ms = max(log.audio_end_ms, ms + s.frame_ms)
             if log.t_started is None:
                 sanity.fail("audio_before_turn_started", f"session {sid} turn {turn}")
             if log.done is not None:
@@ -248,6 +306,16 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
                 if log.t_started is None:
                     sanity.fail("segment_before_turn_started", f"session {sid} turn {turn}")
                 log.segments.append((t, ms, text))
+        elif kind == "w":
+            _, _, sid, turn, n, first_ms, estimated, ctx = ev
+            log = turn_of(session(sid, t), turn, "words", ctx)
+            if log is not None:
+                timing.on_words(sanity, log, n, first_ms, estimated)
+        elif kind == "v":
+            _, _, sid, turn, n, ctx = ev
+            log = turn_of(session(sid, t), turn, "visemes", ctx)
+            if log is not None:
+                timing.on_visemes(sanity, log, n)
         elif kind == "ts":
             _, _, sid, turn, speaker, *rest = ev
             ctx = rest[0] if rest else None
@@ -469,6 +537,7 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         "machine_busy": _machine_busy(other_d, cpu_col(5), cpu_col(6)),
         "window_s": [round(measure_from, 3), round(window_end, 3)],
         "contexts": _contexts_summary(n_contexts, measured, sessions),
+        "timing": timing.to_json(),
         "sanity": sanity.to_json(),
         "config": config,
         "machine": meta.get("machine"),

@@ -4,12 +4,15 @@
 // Page address options: ?session=ID resumes a session (the page keeps it there, so a reload resumes),
 // ?token=KEY for a server started with --api-key, ?wire=json for JSON text frames instead of msgpack,
 // ?codec=pcm16 to skip WebCodecs and take PCM16 (what a browser without WebCodecs Opus gets anyway),
-// ?mode=scene to open in scene mode.
+// ?mode=scene to open in scene mode, ?timestamps=none|words|visemes for the word timing asked for (default
+// visemes: the live caption follows the words, the mouth the visemes).
 
+import { Caption } from "./caption.js";
 import { Connection } from "./connection.js";
 import { FRAME_MS, Mic, Recorder, SpeechDetector, levelDb } from "./mic.js";
 import { JITTER_MAX_MS, JITTER_TARGET_MS, Player, opusSupported } from "./player.js";
-import { MAX_SPEAKER, MAX_SPEAKERS } from "./protocol.js";
+import { Mouth, visemeAt } from "./mouth.js";
+import { MAX_SPEAKER, MAX_SPEAKERS, TIMESTAMPS } from "./protocol.js";
 import { MAX_CHARACTERS, Scene } from "./scene.js";
 import { Transcript } from "./transcript.js";
 
@@ -19,6 +22,7 @@ const VOICES_KEY = "shoal.voices";
 const TOKEN_MS = 40; // "stream as tokens": one word every 40 ms, about an LLM's pace
 const VOICE_MAX_S = 30; // recording stops by itself here
 const VOICE_MIN_S = 10; // below this, registering warns (the server takes 1-60 s)
+const timestamps = TIMESTAMPS.includes(params.get("timestamps")) ? params.get("timestamps") : "visemes";
 
 const state = {
   session: params.get("session"),
@@ -42,6 +46,8 @@ const state = {
   clientTtfaMs: null,
   bargeIns: 0,
   playbackReports: [], // the last playback messages sent: {turn, played_ms}
+  wordsMessages: 0,
+  visemesMessages: 0,
   errors: [],
   voices: loadVoices(),
   voiceAudio: null, // bytes to register
@@ -57,10 +63,15 @@ const player = new Player({
     const playing = Object.values(status.lanes ?? {}).filter((l) => l.state === "playing" && l.turn !== null);
     transcript.highlight(playing.map((l) => ({ turn: l.turn, playedMs: l.playedMs })));
     scene.update(status, transcript);
+    caption.update(status, transcript);
+    const lane = status.lanes?.[""];
+    mouth.set(lane?.state === "playing" && lane.turn !== null ? visemeAt(transcript.entry(lane.turn), lane.playedMs) : 0);
   },
   onError: (text) => log(text, "error"),
 });
 const transcript = new Transcript($("transcript"), { speakerLabel: speakerLabel });
+const caption = new Caption($("caption")); // the default context's: what the chat is hearing now
+const mouth = new Mouth($("mouth"));
 const scene = new Scene($("cast"), {
   onSay: (character) => sayLine(character),
   onStop: (character) => cancel("stop", character.context),
@@ -77,9 +88,10 @@ function wsUrl() {
 }
 
 function outputRequest() {
-  return codec === "opus"
+  const format = codec === "opus"
     ? { codec: "opus", sample_rate: 48000, frame_ms: 20 }
     : { codec: "pcm16", sample_rate: 24000, frame_ms: 20 };
+  return timestamps === "none" ? format : { ...format, timestamps };
 }
 
 function hello() {
@@ -100,7 +112,12 @@ function onMessage(msg) {
     case "turn.started":
       return onTurnStarted(msg);
     case "segment":
-      return transcript.addSegment(msg.turn, msg.text, msg.ms);
+      return transcript.addSegment(msg);
+    case "words":
+    case "visemes":
+      if (msg.type === "words") state.wordsMessages += 1;
+      else state.visemesMessages += 1;
+      return transcript.addTiming(msg);
     case "audio":
       return onAudio(msg);
     case "turn.done":
@@ -159,6 +176,10 @@ function onTurnStarted(msg) {
   state.active.set(msg.turn, { speaker: msg.speaker, context, t0: pending?.t0 ?? performance.now(), firstAudioMs: null, pending });
   transcript.startTurn(msg.turn, msg.speaker, pending?.text ?? "", context);
   scene.startTurn(context, msg.turn);
+  if (context === "") {
+    caption.start(msg.turn);
+    $("live").style.setProperty("--c", `var(--s${msg.speaker % 8})`);
+  }
 }
 
 function onAudio(msg) {
@@ -606,6 +627,7 @@ function renderEngine() {
   $("st-engine").textContent = e ? `${e.name} · ${e.sample_rate / 1000} kHz` : "—";
   const o = state.output;
   $("st-codec").textContent = o ? `${o.codec === "opus" ? "Opus" : o.codec.toUpperCase()} · ${o.sample_rate / 1000} kHz · ${o.frame_ms} ms` : "—";
+  $("st-timing").textContent = o?.timestamps ? `${o.timestamps} · ${e?.timing ?? "?"}` : "—";
   const note = $("cloning-note");
   note.hidden = !e || e.cloning;
   note.textContent = e && !e.cloning
@@ -684,6 +706,10 @@ function stats() {
     reason: state.lastDone?.reason ?? null,
     bargeIns: state.bargeIns,
     playbackReports: state.playbackReports,
+    timestamps: state.output?.timestamps ?? "none", // as the server confirmed it
+    timing: state.engine?.timing ?? null, // exact | estimated | none
+    wordsMessages: state.wordsMessages,
+    visemesMessages: state.visemesMessages,
     errors: state.errors.map((e) => ({ code: e.code, message: e.message, fatal: e.fatal })),
   };
 }
@@ -781,6 +807,7 @@ async function main() {
     state.contextDone = {};
     transcript.session = null;
     transcript.clear();
+    caption.start(null);
     player.clear(0); // silence now; the new session's session.ready resets the turn numbering
     conn.reconnect();
   });

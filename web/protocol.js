@@ -9,7 +9,9 @@
 //   - fields are written in the dataclass's order, `type` first, absent (null/undefined) fields left out;
 //   - float fields (audio.ms, turn.done.audio_ms, playback.played_ms, ...) are always floats: float64 in msgpack,
 //     and in JSON written the way Python's repr writes them ("20.0", "1e-05"); integers stay integers;
-//   - JSON is compact (no spaces) with non-ASCII left as is (Python's ensure_ascii=False), binary as base64.
+//   - JSON is compact (no spaces) with non-ASCII left as is (Python's ensure_ascii=False), binary as base64;
+//   - nested maps are typed by their key (MAPS): session output/engine/sampling, and each entry of words.words and
+//     visemes.visemes (word timing: start_ms / end_ms are floats, a viseme id an integer).
 // Python's decoder accepts an integer where a float is expected, so only the golden test cares about this.
 
 import { Encoder } from "./vendor/msgpack/Encoder.mjs";
@@ -42,10 +44,17 @@ export class ProtocolError extends Error {
 
 // Nested maps whose field kinds are known (unknown keys are written by their JavaScript type).
 const MAPS = {
-  output: { codec: "str", sample_rate: "int", frame_ms: "int", lead_ms: "int", bitrate: "int", mix: "bool" },
-  engine: { name: "str", sample_rate: "int", cloning: "bool", frame_ms: "float" },
+  output: {
+    codec: "str", sample_rate: "int", frame_ms: "int", lead_ms: "int", bitrate: "int", mix: "bool", timestamps: "str",
+  },
+  engine: { name: "str", sample_rate: "int", cloning: "bool", frame_ms: "float", timing: "str" },
   sampling: { temperature: "float", top_p: "float", top_k: "int", seed: "int", max_frames: "int" },
+  word: { text: "str", start_ms: "float", end_ms: "float" }, // words.words[i]: turn-relative, the clock of audio.ms
+  viseme: { id: "int", start_ms: "float" }, // visemes.visemes[i]: held until the next one's start_ms
 };
+
+/** output.timestamps: "visemes" includes words. */
+export const TIMESTAMPS = Object.freeze(["none", "words", "visemes"]);
 
 // [field, kind, required?] in the order of the Python dataclass fields.
 const CLIENT = {
@@ -67,7 +76,12 @@ const SERVER = {
   ],
   "turn.started": [["turn", "int", true], ["speaker", "int", true], ["context", "str"]],
   audio: [["turn", "int", true], ["seq", "int", true], ["ms", "float", true], ["data", "bytes", true], ["context", "str"]],
-  segment: [["turn", "int", true], ["text", "str", true], ["ms", "float", true], ["context", "str"]],
+  segment: [
+    ["turn", "int", true], ["text", "str", true], ["ms", "float", true], ["context", "str"], ["speaker", "int"],
+    ["markup", "str"],
+  ],
+  words: [["turn", "int", true], ["words", "list:word", true], ["estimated", "bool", true], ["context", "str"]],
+  visemes: [["turn", "int", true], ["visemes", "list:viseme", true], ["context", "str"]],
   "turn.done": [
     ["turn", "int", true], ["reason", "str", true], ["audio_ms", "float", true], ["frames", "int", true],
     ["ttfa_ms", "float"], ["context", "str"],
@@ -170,18 +184,24 @@ function typed(mtype, name, kind, v) {
       });
     }
     default:
-      if (kind.startsWith("map:")) {
-        if (!isPlainObject(v)) throw bad(mtype, name, "a map", v);
-        const kinds = MAPS[kind.slice(4)];
-        const out = {};
-        for (const [key, value] of Object.entries(v)) {
-          if (value === undefined) continue;
-          out[key] = value !== null && kinds[key] ? typed(`${mtype}.${name}`, key, kinds[key], value) : plain(value);
-        }
-        return out;
+      if (kind.startsWith("map:")) return typedMap(mtype, name, MAPS[kind.slice(4)], v);
+      if (kind.startsWith("list:")) {
+        if (!Array.isArray(v)) throw bad(mtype, name, "a list", v);
+        return v.map((entry, i) => typedMap(mtype, `${name}[${i}]`, MAPS[kind.slice(5)], entry));
       }
       throw new Error(`unknown field kind ${kind}`);
   }
+}
+
+// a map whose known keys are typed by `kinds`, written in the map's own order (as Python's dict)
+function typedMap(mtype, name, kinds, v) {
+  if (!isPlainObject(v)) throw bad(mtype, name, "a map", v);
+  const out = {};
+  for (const [key, value] of Object.entries(v)) {
+    if (value === undefined) continue;
+    out[key] = value !== null && kinds[key] ? typed(`${mtype}.${name}`, key, kinds[key], value) : plain(value);
+  }
+  return out;
 }
 
 // a value of no declared kind: numbers by their JavaScript type, containers recursively

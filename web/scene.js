@@ -2,10 +2,10 @@
 // with its line, its Say and Stop buttons, and a caption line showing the segment its listener is hearing now.
 //
 // The scene only renders and reports clicks: app.js sends the turns, and calls `update` with the player's status
-// (every ~25 ms) so each caption follows the worklet's clock for its own context. A caption freezes, struck
-// through, on the segment where a barge-in cut that character off.
+// (every ~25 ms) so each caption (caption.js) follows the worklet's clock for its own context, word by word with
+// word timing. A caption freezes on the segment (and the word) where a barge-in cut that character off.
 
-import { renderMarkup, segmentAt } from "./transcript.js";
+import { Caption } from "./caption.js";
 
 export const MAX_CHARACTERS = 4;
 
@@ -45,7 +45,7 @@ export class Scene {
       speaker: speaker ?? this.speakers[this.characters.length % this.speakers.length] ?? 0,
       text: LINES[n % LINES.length],
       turn: null, // the last turn started in its context
-      captionKey: "",
+      caption: null,
       el: null,
     };
     this.characters.push(character);
@@ -80,7 +80,7 @@ export class Scene {
     const c = this.byContext(context);
     if (!c) return;
     c.turn = turn;
-    c.captionKey = "";
+    c.caption.start(turn);
   }
 
   /**
@@ -89,41 +89,9 @@ export class Scene {
    */
   update(status, transcript) {
     for (const c of this.characters) {
-      const entry = c.turn === null ? undefined : transcript.entry(c.turn);
-      const lane = status.lanes?.[c.context];
-      let mode = "idle";
-      let index = -1;
-      if (entry) {
-        const played = status.played?.[c.turn] ?? 0;
-        if (entry.heardMs !== null) {
-          mode = "cut";
-          index = Math.max(0, segmentAt(entry, entry.heardMs));
-        } else if (lane?.turn === c.turn && lane.state === "playing") {
-          mode = "live";
-          index = segmentAt(entry, played);
-        } else if (entry.reason !== null && entry.reason !== "complete") {
-          mode = "cut";
-          index = Math.max(0, segmentAt(entry, played));
-        } else if (entry.reason === "complete" && played > 0 && (lane?.turn !== c.turn || lane.state === "idle")) {
-          mode = "done";
-          index = entry.segments.length - 1;
-        } else {
-          mode = "pending";
-        }
-      }
-      const text = index >= 0 ? entry.segments[index]?.text ?? "" : "";
-      const key = `${c.turn}|${mode}|${index}|${text}`;
-      if (key === c.captionKey) continue;
-      c.captionKey = key;
-      const caption = c.el.querySelector(".caption");
-      caption.dataset.state = mode;
-      caption.dataset.segment = String(index);
-      const line = document.createElement("span");
-      line.className = "line";
-      if (text) renderMarkup(line, text);
-      else line.textContent = mode === "idle" ? "—" : "…";
-      caption.replaceChildren(line);
+      const mode = c.caption.update(status, transcript);
       const badge = c.el.querySelector(".state");
+      if (badge.dataset.state === mode) continue;
       badge.dataset.state = mode;
       badge.textContent = { idle: "", pending: "starting…", live: "speaking", cut: "stopped", done: "done" }[mode];
     }
@@ -161,6 +129,7 @@ export class Scene {
       </div>
       <div class="counters"></div>`;
     c.el = li;
+    c.caption = new Caption(li.querySelector(".caption"), c.context);
     li.querySelector(".name").textContent = c.name;
     const input = li.querySelector(".text");
     input.value = c.text;

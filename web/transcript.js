@@ -1,25 +1,71 @@
 // The conversation as the user sees it: one entry per turn, its text cut into the segments the server announced,
 // the segment being heard highlighted (one per context playing at once). Kept in localStorage per session, so a
 // reload shows the history again.
+//
+// With word timing (output.timestamps) each segment also holds its `words` ({text, start_ms, end_ms}, turn time)
+// and `visemes` ({id, start_ms}); each word is a span of its own, so a barge-in marks unheard exactly the words
+// whose start_ms is not before what was played (the server keeps the others in the stored turn).
 
 const STORE_PREFIX = "shoal.transcript.";
 const MAX_TURNS = 500;
 const TAG = /(\[[^\[\]]*\]|<\|speaker:\d+\|>)/;
+const WORD = /[\p{L}\p{N}]/u; // a word: a whitespace-separated run with a letter or a digit (as the server counts)
 
-/** Text with inline tags as chips: "[whisper] hi" -> <span class=tag>[whisper]</span> hi */
+function chip(tag) {
+  const el = document.createElement("span");
+  el.className = "chip";
+  const speaker = /^<\|speaker:(\d+)\|>$/.exec(tag);
+  el.textContent = speaker ? `→ speaker ${speaker[1]}` : tag;
+  return el;
+}
+
+/** Text with inline tags as chips: "[whisper] hi" -> <span class=chip>[whisper]</span> hi */
 export function renderMarkup(parent, text) {
   for (const part of text.split(TAG)) {
-    if (!part) continue;
-    if (TAG.test(part)) {
-      const chip = document.createElement("span");
-      chip.className = "chip";
-      const speaker = /^<\|speaker:(\d+)\|>$/.exec(part);
-      chip.textContent = speaker ? `→ speaker ${speaker[1]}` : part;
-      parent.append(chip);
-    } else {
-      parent.append(part);
-    }
+    if (part) parent.append(TAG.test(part) ? chip(part) : part);
   }
+}
+
+/**
+ * A segment as the user reads it: its markup (tags as chips) with each timed word in a `.w` span carrying its
+ * `data-start` (ms); without words, just the markup. Returns the word spans, one per entry of `seg.words`.
+ */
+export function renderSegment(parent, seg) {
+  const source = seg.markup ?? seg.text;
+  const words = seg.words ?? [];
+  if (!words.length) {
+    renderMarkup(parent, source);
+    return [];
+  }
+  const parts = source.split(TAG).filter(Boolean);
+  const runs = parts.flatMap((part) => (TAG.test(part) ? [] : part.split(/\s+/).filter((run) => WORD.test(run))));
+  const spans = [];
+  const word = (text) => {
+    const span = document.createElement("span");
+    span.className = "w";
+    span.textContent = text;
+    span.dataset.start = String(words[spans.length].start_ms);
+    spans.push(span);
+    return span;
+  };
+  if (runs.length !== words.length) {
+    // the markup does not split into the server's words: show the words themselves
+    words.forEach((w, i) => parent.append(...(i ? [" "] : []), word(w.text)));
+    return spans;
+  }
+  for (const part of parts) {
+    if (TAG.test(part)) parent.append(chip(part));
+    else for (const run of part.split(/(\s+)/)) if (run) parent.append(WORD.test(run) ? word(run) : run);
+  }
+  return spans;
+}
+
+/** Index of the word being heard `ms` into the turn: the last one that started before (-1 before the first). A
+ * barge-in at `ms` leaves exactly the words up to this one heard, as the server cuts the stored turn. */
+export function wordAt(words, ms) {
+  let index = -1;
+  for (let i = 0; i < (words?.length ?? 0); i++) if (words[i].start_ms < ms) index = i;
+  return index;
 }
 
 export class Transcript {
@@ -74,7 +120,10 @@ export class Transcript {
 
   save() {
     if (this.session === null) return;
-    const entries = [...this.turns.values()].slice(-MAX_TURNS).map(({ el, ...rest }) => rest);
+    const entries = [...this.turns.values()].slice(-MAX_TURNS).map(({ el, segments, ...rest }) => ({
+      ...rest,
+      segments: segments.map(({ visemes, ...seg }) => seg),
+    }));
     try {
       localStorage.setItem(STORE_PREFIX + this.session, JSON.stringify(entries));
     } catch {
@@ -91,9 +140,24 @@ export class Transcript {
     return entry;
   }
 
-  addSegment(turn, text, ms) {
-    const entry = this.turns.get(turn) ?? this.startTurn(turn, 0);
-    entry.segments.push({ text, ms });
+  /** A `segment` message: its clean text, where it starts, and its markup (tags and instructions included). */
+  addSegment(msg) {
+    const entry = this.turns.get(msg.turn) ?? this.startTurn(msg.turn, msg.speaker ?? 0);
+    entry.segments.push({ text: msg.text, ms: msg.ms, markup: msg.markup ?? null, words: null, visemes: null });
+    this.refresh(entry);
+    this.save();
+  }
+
+  /** A `words` or `visemes` message: the timing of the turn's latest segment (each comes after its segment). */
+  addTiming(msg) {
+    const entry = this.turns.get(msg.turn);
+    const seg = entry?.segments.at(-1);
+    if (!seg) return;
+    if (msg.type === "visemes") {
+      seg.visemes = msg.visemes; // for the mouth while it plays: not drawn, not kept
+      return;
+    }
+    seg.words = msg.words;
     this.refresh(entry);
     this.save();
   }
@@ -196,8 +260,12 @@ export class Transcript {
       entry.segments.forEach((seg, i) => {
         const span = document.createElement("span");
         span.className = "seg";
-        if (entry.heardMs !== null && seg.ms >= entry.heardMs) span.classList.add("unheard");
-        renderMarkup(span, seg.text);
+        const words = renderSegment(span, seg);
+        if (entry.heardMs !== null) {
+          // heard: the words that started before the cut (without word timing: the segments that did)
+          for (const w of words) w.classList.toggle("unheard", Number(w.dataset.start) >= entry.heardMs);
+          if (seg.ms >= entry.heardMs && words.every((w) => w.classList.contains("unheard"))) span.classList.add("unheard");
+        }
         if (i) p.append(" ");
         p.append(span);
       });
@@ -238,9 +306,10 @@ function unsaid(entry) {
   if (!entry.sent) return "";
   let cursor = 0;
   for (const seg of entry.segments) {
-    const at = entry.sent.indexOf(seg.text, cursor);
+    const said = seg.markup ?? seg.text;
+    const at = entry.sent.indexOf(said, cursor);
     if (at < 0) return "";
-    cursor = at + seg.text.length;
+    cursor = at + said.length;
   }
   return entry.sent.slice(cursor).trim();
 }

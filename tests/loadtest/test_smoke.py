@@ -8,26 +8,33 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 SUMMARY_KEYS = {"sessions", "turns", "ttfa_ms", "gap_ms", "underruns", "errors", "audio_seconds"}
 
 
-def test_small_load_against_the_stub_engine_gives_a_complete_summary_and_report(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def small_run(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`shoal loadtest` for a few seconds with barge-ins (`args`: the server and the load); it must exit 0 with a
+    sane summary and no error. Returns the process and the summary."""
     cmd = [
-        sys.executable, "-m", "realtime", "loadtest", "--serve", "stub", "--stub-ttft-ms", "5",
-        "--sessions", "4", "--duration", "6", "--ramp", "1", "--warmup", "0.5", "--barge-in", "0.3",
-        "--tokens-per-s", "60", "--floor-probes", "2", "--quiet", "--out", str(out),
+        sys.executable, "-m", "realtime", "loadtest", *args, "--duration", "6", "--ramp", "1", "--warmup", "0.5",
+        "--barge-in", "0.3", "--tokens-per-s", "60", "--quiet", "--out", str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["sanity"]["ok"], summary["sanity"]
+    assert summary["errors"] == 0, summary["errors_by_code"]
+    return proc, summary
+
+
+def test_small_load_against_the_stub_engine_gives_a_complete_summary_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc, summary = small_run(out, "--serve", "stub", "--stub-ttft-ms", "5", "--sessions", "4", "--floor-probes", "2")
     assert SUMMARY_KEYS <= summary.keys()
     for key in ("ttfa_ms", "gap_ms"):
         assert {"p50", "p90", "p99", "max"} <= summary[key].keys()
-    assert summary["sanity"]["ok"], summary["sanity"]
     assert summary["sessions"] == 4 and summary["sessions_ready"] == 4
-    assert summary["errors"] == 0, summary["errors_by_code"]
     assert summary["turns"] >= 4 and summary["turns_unfinished"] == 0
     assert 5.0 <= summary["ttfa_ms"]["p50"] < 2000.0  # the stub waits 5 ms before its first frame
     assert summary["audio_seconds"] > 5.0
@@ -79,16 +86,10 @@ def test_two_contexts_per_session_play_at_once_and_both_complete(tmp_path: Path)
     from loadtest.record import read_events
 
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "realtime", "loadtest", "--serve", "stub", "--stub-ttft-ms", "5",
-        "--sessions", "3", "--contexts", "2", "--duration", "6", "--ramp", "1", "--warmup", "0.5", "--barge-in", "0.3",
-        "--tokens-per-s", "60", "--floor-probes", "0", "--quiet", "--out", str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["sanity"]["ok"], summary["sanity"]
-    assert summary["sessions_ready"] == 3 and summary["errors"] == 0, summary["errors_by_code"]
+    proc, summary = small_run(
+        out, "--serve", "stub", "--stub-ttft-ms", "5", "--sessions", "3", "--contexts", "2", "--floor-probes", "0"
+    )
+    assert summary["sessions_ready"] == 3
     assert summary["turns_unfinished"] == 0
     ctx = summary["contexts"]
     assert ctx["per_session"] == 2 and set(ctx["by_context"]) == {"c0", "c1"}
@@ -112,3 +113,31 @@ def test_two_contexts_per_session_play_at_once_and_both_complete(tmp_path: Path)
     assert set(completed) == {"c0", "c1"} and min(completed.values()) >= 2, completed
     rows = (out / "turns.csv").read_text().splitlines()
     assert rows[0].endswith(",context,others") and {r.split(",")[-2] for r in rows[1:]} == {"c0", "c1"}
+
+
+def test_word_timing_against_the_built_in_voice_arrives_before_its_audio(tmp_path: Path) -> None:
+    """`--timestamps words` against `shoal serve --engine espeak` (exact timing): a `words` message per segment, each
+    before the first audio packet it covers (the sanity rule words_after_audio), one word per word of the segment."""
+    from loadtest.record import read_events
+
+    out = tmp_path / "out"
+    proc, summary = small_run(out, "--serve", "espeak", "--timestamps", "words", "--sessions", "3", "--floor-probes", "0")
+    timing = summary["timing"]
+    assert timing["requested"] == "words" and timing["words_messages"] >= 3, timing
+    assert timing["estimated_messages"] == 0 and timing["visemes_messages"] == 0  # espeak's own timing, no visemes
+    assert "word timing    words:" in proc.stdout
+
+    segments: dict[tuple[int, int], list[str]] = {}
+    words: dict[tuple[int, int], list[int]] = {}
+    complete = set()
+    for ev in read_events(out / "raw" / "events.msgpack"):
+        if ev[0] == "seg":
+            segments.setdefault((ev[2], ev[3]), []).append(ev[5])
+        elif ev[0] == "w":
+            words.setdefault((ev[2], ev[3]), []).append(ev[4])
+        elif ev[0] == "done" and ev[4] == "complete":
+            complete.add((ev[2], ev[3]))
+    assert complete
+    for turn in complete:  # every segment of a complete turn got its words, one per word it says
+        said = [len([w for w in text.split() if any(c.isalnum() for c in w)]) for text in segments[turn]]
+        assert words.get(turn) == said, (turn, segments[turn], words.get(turn))

@@ -79,6 +79,9 @@ export function checkGolden(protocol, data) {
   expectThrows(failures, "speaker twice", "bad_message", () => protocol.encode({ type: "session.update", speakers: [{ speaker: 1 }, { speaker: 1 }] }));
   expectThrows(failures, "empty transcript", "bad_message", () => protocol.encode({ type: "voice.create", audio: new Uint8Array(4), text: " " }));
   expectThrows(failures, "text too long", "limit", () => protocol.encode({ type: "text", text: "x".repeat(20001) }));
+  expectThrows(failures, "word not a map", "bad_message", () => protocol.encode({ type: "words", turn: 0, words: ["Hi"], estimated: false }));
+  expectThrows(failures, "word time not a number", "bad_message", () => protocol.encode({ type: "words", turn: 0, words: [{ text: "Hi", start_ms: "0", end_ms: 1 }], estimated: false }));
+  expectThrows(failures, "visemes not a list", "bad_message", () => protocol.encode({ type: "visemes", turn: 0, visemes: { id: 0, start_ms: 0 } }));
   expectThrows(failures, "not JSON", "bad_message", () => protocol.decode("{not json"));
   expectThrows(failures, "JSON list", "bad_message", () => protocol.decode("[1,2]"));
   expectThrows(failures, "msgpack list", "bad_message", () => protocol.decode(new Uint8Array([0x92, 0x01, 0x02])));

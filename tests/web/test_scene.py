@@ -136,7 +136,12 @@ def test_stopping_one_character_cuts_only_that_one(shoal_page: ShoalPage, stub_s
     assert stats["contexts"]["char-1"]["done"] is None  # the other one goes on
     cut = page.page.locator("#cast .character").nth(0).locator(".caption")
     assert cut.get_attribute("data-state") == "cut" and cut.inner_text() not in ("", "…")
-    assert "line-through" in cut.locator(".line").evaluate("(e) => getComputedStyle(e).textDecorationLine")
+    struck = "(els) => els.map((e) => getComputedStyle(e).textDecorationLine.includes('line-through'))"
+    if cut.locator(".w").count():  # word timing: frozen on the word where it was cut, the words after it struck
+        assert cut.locator(".w.now").count() <= 1 and all(cut.locator(".w.unheard").evaluate_all(struck))
+        assert not any(cut.locator(".w:not(.unheard)").evaluate_all(struck))
+    else:
+        assert cut.locator(".line").evaluate_all(struck) == [True]
 
     page.wait_for("shoal.stats().contexts['char-1']?.done !== null && shoal.stats().contexts['char-1']?.done !== undefined")
     page.wait_played_out()
