@@ -23,6 +23,7 @@ from realtime.config import ServerConfig
 from realtime.gateway import Gateway
 from realtime.liveness import capture_protocol
 from realtime.metrics import CONTENT_TYPE_LATEST, Metrics
+from realtime.twilio import TwilioCall
 from sessions.store import SessionStore, StoreError
 
 log = logging.getLogger("shoal.app")
@@ -60,6 +61,9 @@ def create_app(
     async def realtime(ws: WebSocket) -> None:
         await gateway.serve(ws)
 
+    async def twilio(ws: WebSocket) -> None:
+        await TwilioCall(gateway, ws).run()
+
     async def healthz(request: Request) -> Response:
         problems: dict[str, str] = {}
         try:
@@ -92,6 +96,7 @@ def create_app(
 
     routes: list[Route | WebSocketRoute | Mount] = [
         WebSocketRoute("/v1/realtime", realtime),
+        WebSocketRoute("/v1/twilio", twilio),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
     ]

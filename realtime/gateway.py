@@ -33,13 +33,16 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from engine.alignment import Aligner
 from engine.base import AudioChunk, EngineError, Sampling, SynthesisRequest, Synthesizer, VoiceRef
+from realtime import vad
 from realtime.audio import AudioEncoder, OutputFormat, pcm16_to_float, read_audio_bytes
+from realtime.caller import CallLink, InputFormat, InputStream
 from realtime.config import ServerConfig
 from realtime.liveness import ReadProbe
 from realtime.mix import Mixer
 from realtime.metrics import Metrics
 from realtime.outbox import Close, Outbox, OutboxFull
 from realtime.turns import Finish, Job, Output, Send, Stop, Stream, Synthesize, TurnMachine, Write
+from realtime.vad import VAD_RATE
 from realtime.protocol import (
     Audio,
     Cancel,
@@ -47,6 +50,8 @@ from realtime.protocol import (
     Encoding,
     Error,
     Flush,
+    InputAudio,
+    InputCommit,
     Ping,
     Playback,
     Pong,
@@ -57,6 +62,8 @@ from realtime.protocol import (
     SessionStart,
     SessionUpdate,
     SpeakerSpec,
+    SpeechStarted,
+    SpeechStopped,
     Text,
     TurnDone,
     TurnEnd,
@@ -121,14 +128,21 @@ class Gateway:
         return "exact" if self.engine.info.timing else "estimated" if self.aligner is not None else "none"
 
     def authorized(self, ws: WebSocket) -> bool:
-        key = self.config.api_key
-        if key is None:
-            return True
         given = ws.query_params.get("token")
         header = ws.headers.get("authorization", "")
         if header[:7].lower() == "bearer ":
             given = header[7:].strip()
+        return self.key_ok(given)
+
+    def key_ok(self, given: str | None) -> bool:
+        key = self.config.api_key
+        if key is None:
+            return True
         return given is not None and hmac.compare_digest(given.encode(), key.encode())
+
+    def live_connection(self, session: str) -> Connection | None:
+        """The connection that has ``session`` live in this process, if any."""
+        return next((c for c in self.connections if c.session is not None and c.session.id == session), None)
 
     async def serve(self, ws: WebSocket) -> None:
         conn = Connection(self, ws)
@@ -214,6 +228,10 @@ class Connection:
         self._lost_counted = 0  # finished turns reported as not stored
         self._send_started: float | None = None  # when the frame being sent was handed to the socket
         self._last_received = time.monotonic()
+        self.input: InputFormat | None = None  # the caller's audio settings (input), once set
+        self.caller: InputStream | None = None  # ... its stream: clock, voice activity, recent audio
+        self.call: CallLink | None = None  # a phone call joined to this session: it hears the audio, it is the input
+        self._turn_start: dict[int, float] = {}  # turn -> its first packet's place on its context's clock (ms)
 
     @property
     def sid(self) -> str:
@@ -276,7 +294,7 @@ class Connection:
             async with asyncio.timeout(2.0):
                 if isinstance(frame, bytes):
                     await self.ws.send_bytes(frame)
-                else:
+                elif frame is not None:
                     await self.ws.send_text(frame)
                 await self.ws.close(close_code)
         except (WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
@@ -367,6 +385,8 @@ class Connection:
                 clock.reset(now)
         if self.mixer is not None and context is None:  # one mixed stream: only a cancel of everything clears it
             self._mix_clock.reset(now)
+        if self.call is not None:
+            self.call.clear()
 
     def _stop(self, turns: tuple[int, ...]) -> None:
         """Barge-in: silence now (drop queued audio, stop the engine step, drop the encoder)."""
@@ -420,14 +440,22 @@ class Connection:
                 self.gw.metrics.turns.labels(item.reason).inc()
                 self._poke()
             self._send_started = now
+            call = self.call
             try:
                 if isinstance(item, Close):
                     await self.ws.close(item.code, item.reason)
                     raise _Gone
-                frame = encode(item, self.encoding)
+                if call is not None and isinstance(item, (Segment, TurnDone)):  # a mark where a segment ends
+                    assert self.machine is not None
+                    await call.boundary(item.turn, self.machine.sent_ms(item.turn))
+                if call is not None and isinstance(item, Audio):
+                    await call.send_audio(item)  # a joined call is the listener: the application gets the rest
+                    frame = None
+                else:
+                    frame = encode(item, self.encoding)
                 if isinstance(frame, bytes):
                     await self.ws.send_bytes(frame)
-                else:
+                elif frame is not None:
                     await self.ws.send_text(frame)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 raise _Gone from None  # the peer is gone
@@ -531,6 +559,8 @@ class Connection:
             self._send(Pong())
         elif isinstance(msg, SessionStart):
             await self._start(msg)
+        elif isinstance(msg, Cancel) and self.call is not None:
+            self._barge_in(0.0)  # one phone line: everything stops, cut where the call's marks say it was heard
         elif isinstance(msg, (Text, Flush, TurnEnd, Cancel, Playback)):
             assert self.machine is not None
             self._apply(self.machine.receive(msg))
@@ -540,6 +570,12 @@ class Connection:
             await self._create_voice(msg)
         elif isinstance(msg, SessionUpdate):
             await self._update(msg)
+        elif isinstance(msg, InputAudio):
+            if self.call is not None:
+                raise ProtocolError("bad_message", "a phone call is joined to this session: the call is the input")
+            await self.input_audio(msg.data)
+        elif isinstance(msg, InputCommit):
+            await self._commit(msg)
 
     # ------------------------------------------------------------------ session
 
@@ -547,6 +583,7 @@ class Connection:
         if self.session is not None:
             raise ProtocolError("bad_message", "session.start was already received on this connection")
         output, sampling = self._settings(msg.output, msg.sampling, OutputFormat(), Sampling())
+        input_format = await self._input_settings(msg.input)
         store = self.gw.store
         session_id = msg.session or uuid.uuid4().hex
         stored = await store.load_session(session_id) if msg.session else None
@@ -574,6 +611,8 @@ class Connection:
             await store.release(session_id, self.owner)
             raise
         self.session, self.output, self.sampling = session, output, sampling
+        if input_format is not None:
+            self.input, self.caller = input_format, InputStream(input_format)
         info = self.gw.engine.info
         self.machine = TurnMachine(
             history,
@@ -626,6 +665,7 @@ class Connection:
                 for t in history[-READY_HISTORY_TURNS:]
             )
             or None,
+            input=self.input.to_wire() if self.input is not None else None,
         )
 
     @staticmethod
@@ -670,6 +710,11 @@ class Connection:
         if msg.speakers is not None:
             await self._load_voices(list(msg.speakers))
             self.session.speakers = [Speaker(s.speaker, s.voice) for s in msg.speakers]
+        if self.call is not None and msg.output is not None:
+            raise ProtocolError("bad_message", "a phone call is joined to this session: its output is the call's")
+        input_format = await self._input_settings(msg.input)
+        if input_format is not None:
+            self.input, self.caller = input_format, InputStream(input_format)
         self.output, self.sampling = output, sampling
         self.machine.configure(output_frame_ms=output.frame_ms, max_frames=sampling.max_frames,
                                timestamps=output.timestamps)
@@ -726,6 +771,144 @@ class Connection:
         self.gw.metrics.voices.inc()
         frames = int(codes.shape[-1]) if codes is not None else 0
         self._send(VoiceCreated(voice=voice.voice, seconds=voice.seconds, frames=frames))
+
+    # ------------------------------------------------------------------ the caller's side
+
+    async def _input_settings(self, wire: Mapping[str, Any] | None) -> InputFormat | None:
+        """``input`` in session.start / session.update, checked (and its model loaded) before anything changes; a
+        new input stream follows, its clock starting again at 0."""
+        if wire is None:
+            return None
+        if self.call is not None:
+            raise ProtocolError("bad_message", "a phone call is joined to this session: its input is the call's")
+        try:
+            fmt = InputFormat.from_wire(wire, self.input)
+        except ValueError as exc:
+            raise ProtocolError("bad_message", f"input: {exc}") from None
+        assert fmt is not None
+        if fmt.vad:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.gw.codec_pool, vad.load)
+            except vad.VadUnavailable as exc:
+                raise ProtocolError("engine_unavailable", f"input.vad: voice activity detection is unavailable "
+                                    f"here ({exc}); send input.vad off") from None
+        return fmt
+
+    async def input_audio(self, data: bytes) -> None:
+        """One frame of the caller's audio (from the client, or from a joined call): voice activity events, and a
+        barge-in when the caller starts speaking over a turn."""
+        if self.caller is None or self.input is None:
+            raise ProtocolError("bad_message", "input.audio before input was set: send input {codec, sample_rate} "
+                                "in session.start or session.update")
+        caller = self.caller
+        try:
+            events = await asyncio.get_running_loop().run_in_executor(self.gw.codec_pool, caller.push, data)
+        except ValueError as exc:
+            raise ProtocolError("bad_message", f"input.audio: {exc}") from None
+        for kind, ms in events:
+            if kind == "started":
+                self._send(SpeechStarted(ms))
+                if self.input.barge_in:
+                    self._barge_in((caller.ms - ms) / 1000.0)
+            else:
+                self._send(SpeechStopped(ms))
+
+    def _barge_in(self, ago_s: float) -> None:
+        """The caller started speaking ``ago_s`` seconds ago: every turn still playing is cancelled and cut where
+        the listener was then (a joined call's mark echoes, else the pacing clock), and the listener's buffer
+        dropped."""
+        machine = self.machine
+        if machine is None:
+            return
+        now = time.monotonic()
+        cut: list[tuple[int, float]] = []
+        for turn in machine.audible_turns():
+            heard = self._heard_ms(turn, now, ago_s)
+            if heard is not None:
+                cut.append((turn, heard))
+        if not cut:
+            return
+        for turn, heard in cut:
+            with contextlib.suppress(ProtocolError):  # a turn already too old to cut
+                self._apply(machine.receive(Playback(turn=turn, played_ms=heard)))
+        self._apply(machine.cancel(None))
+        self._listener_cleared(None)
+        log.info("session %s: the caller spoke over turns %s: cut at %s ms", self.sid, [t for t, _ in cut],
+                 [round(h) for _, h in cut])
+
+    def _heard_ms(self, turn: int, now: float, ago_s: float) -> float | None:
+        """How much of ``turn`` the listener had heard ``ago_s`` seconds before ``now``; None if it was not playing
+        then (all of it heard already)."""
+        assert self.machine is not None
+        sent = self.machine.sent_ms(turn)
+        in_flight = turn in self.machine.active_turns
+        if self.call is not None:
+            heard = self.call.heard_ms(turn, now - ago_s)
+            if heard is not None:
+                return min(heard, sent) if in_flight or heard < sent else None
+        start = self._turn_start.get(turn)
+        clock = self.clocks.get(self.machine.context_of(turn))
+        if start is None or clock is None:
+            return 0.0 if in_flight else None  # nothing of it has reached the listener yet
+        clock.advance(now)
+        heard = min(sent, max(0.0, clock.pos_ms - ago_s * 1000.0 - start))
+        return heard if in_flight or heard < sent else None
+
+    async def _commit(self, msg: InputCommit) -> None:
+        """``input.commit``: what the caller said becomes a turn of its speaker, with the codes of its audio when
+        the engine can encode them (S2 Pro), so the next reply's prompt holds both sides of the dialogue."""
+        if self.caller is None or self.machine is None:
+            raise ProtocolError("bad_message", "input.commit before input was set")
+        try:
+            pcm = self.caller.audio(msg.start_ms, msg.end_ms)
+        except ValueError as exc:
+            raise ProtocolError("bad_message", str(exc)) from None
+        codes = None
+        if self.gw.engine.info.cloning:
+            try:
+                codes = await self.gw.engine.encode_voice(pcm, VAD_RATE, msg.text)
+            except (EngineError, ValueError) as exc:
+                log.warning("session %s: input.commit: the caller's audio was not encoded: %s", self.sid, exc)
+                self._send(Error("engine_unavailable", f"input.commit: the caller's audio could not be encoded "
+                                 f"({exc}); the turn is stored with its text only"))
+        self.machine.caller_turn(msg.speaker, msg.text, msg.end_ms - msg.start_ms, codes)
+        self._poke()
+
+    def attach_call(self, call: CallLink) -> None:
+        """A phone call joins this session: from now on it hears the session's audio (its output format) and its
+        caller is the input. A turn in flight is cut: its audio was made for the other listener."""
+        if self.call is not None:
+            raise ProtocolError("busy", "another call is already joined to this session")
+        if self.machine is not None and self.machine.active_turns:
+            self._apply(self.machine.cancel(None))
+            self._listener_cleared(None)
+        self._before_call = (self.output, self.input, self.caller)
+        self.call = call
+        self.output = replace(self.output, **call.output, mix=False)
+        self.input = call.input
+        self.caller = InputStream(call.input)
+        if self.machine is not None:
+            self.machine.configure(output_frame_ms=self.output.frame_ms, max_frames=self.sampling.max_frames,
+                                   timestamps=self.output.timestamps)
+        self._configure_mix()
+
+    def detach_call(self, call: CallLink) -> None:
+        """The call ended: the session's own output and input settings come back."""
+        if self.call is not call:
+            return
+        if self.machine is not None and self.machine.active_turns:
+            self._apply(self.machine.cancel(None))
+        self.call = None
+        self.output, self.input, self.caller = self._before_call
+        self._listener_cleared(None)
+        if self.machine is not None:
+            self.machine.configure(output_frame_ms=self.output.frame_ms, max_frames=self.sampling.max_frames,
+                                   timestamps=self.output.timestamps)
+        self._configure_mix()
+
+    def notify(self, msg: ServerMessage) -> None:
+        """A call's event for the application (call.started, input.dtmf, relayed input.audio, call.stopped)."""
+        self._send(msg)
 
     # ------------------------------------------------------------------ synthesis
 
@@ -861,6 +1044,10 @@ class Connection:
             msg = self.machine.packet(turn, data)
             if msg is None:  # a barge-in while this step was pacing or encoding: nothing more of it goes out
                 raise asyncio.CancelledError
+            if msg.seq == 0:  # where the turn starts on its listener's clock: a voice barge-in cuts it there
+                self._turn_start[turn] = clock.sent_ms
+                for old in sorted(self._turn_start)[:-64]:
+                    del self._turn_start[old]
             if self.mixer is not None:
                 self.mixer.push(turn, pcm16_to_float(data))
                 self._mix_wake.set()

@@ -78,6 +78,7 @@ class SessionStart:
     speakers: tuple[SpeakerSpec, ...] | None = None
     output: Mapping[str, Any] | None = None  # validated by realtime.audio.OutputFormat.from_wire
     sampling: Mapping[str, Any] | None = None  # validated by engine.base.Sampling
+    input: Mapping[str, Any] | None = None  # the caller's audio: validated by realtime.caller.InputFormat.from_wire
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,27 @@ class SessionUpdate:
     speakers: tuple[SpeakerSpec, ...] | None = None
     output: Mapping[str, Any] | None = None
     sampling: Mapping[str, Any] | None = None
+    input: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class InputAudio:
+    """One frame of the caller's audio (20 ms is typical), in the session's ``input.codec``."""
+
+    type: ClassVar[str] = "input.audio"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class InputCommit:
+    """What the caller said between two instants of the input clock: stored as a turn of ``speaker``, with its
+    audio, so the next reply's context holds both sides."""
+
+    type: ClassVar[str] = "input.commit"
+    speaker: int
+    text: str
+    start_ms: float
+    end_ms: float
 
 
 @dataclass(frozen=True)
@@ -136,7 +158,10 @@ class Ping:
     type: ClassVar[str] = "ping"
 
 
-ClientMessage = SessionStart | Text | Flush | TurnEnd | Cancel | Playback | VoiceCreate | SessionUpdate | Ping
+ClientMessage = (
+    SessionStart | Text | Flush | TurnEnd | Cancel | Playback | VoiceCreate | SessionUpdate | InputAudio | InputCommit
+    | Ping
+)
 
 # --------------------------------------------------------------------------------------------- server -> client
 
@@ -153,6 +178,7 @@ class SessionReady:
     speakers: tuple[SpeakerSpec, ...] = ()
     # on resume: the last turns as {turn, speaker, text, state, audio_ms}, so a client can show the conversation
     history: tuple[Mapping[str, Any], ...] | None = None
+    input: Mapping[str, Any] | None = None  # the caller's audio settings, once set
 
 
 @dataclass(frozen=True)
@@ -238,9 +264,58 @@ class Pong:
     type: ClassVar[str] = "pong"
 
 
-ServerMessage = SessionReady | TurnStarted | Audio | Segment | Words | Visemes | TurnDone | VoiceCreated | Error | Pong
+@dataclass(frozen=True)
+class SpeechStarted:
+    """The caller started speaking at ``ms`` on the input clock (voice activity: the onset, not the detection)."""
 
-_BINARY_FIELDS = {"audio": "data", "voice.create": "audio"}
+    type: ClassVar[str] = "input.speech_started"
+    ms: float
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    type: ClassVar[str] = "input.speech_stopped"
+    ms: float
+
+
+@dataclass(frozen=True)
+class InputRelay:
+    """A phone call's audio, relayed to the application driving its session (as the call sent it)."""
+
+    type: ClassVar[str] = "input.audio"
+    data: bytes
+    ms: float  # where it starts on the input clock
+    codec: str = "mulaw"
+
+
+@dataclass(frozen=True)
+class Dtmf:
+    type: ClassVar[str] = "input.dtmf"
+    digit: str
+    ms: float
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    type: ClassVar[str] = "call.started"
+    call: str  # the carrier's call id (Twilio's callSid)
+    stream: str  # the media stream's id (Twilio's streamSid)
+    parameters: Mapping[str, Any] | None = None  # the call's custom parameters, credentials removed
+
+
+@dataclass(frozen=True)
+class CallStopped:
+    type: ClassVar[str] = "call.stopped"
+    call: str
+    reason: str  # hangup (the carrier stopped the stream) | disconnected (its socket closed)
+
+
+ServerMessage = (
+    SessionReady | TurnStarted | Audio | Segment | Words | Visemes | TurnDone | VoiceCreated | Error | Pong
+    | SpeechStarted | SpeechStopped | InputRelay | Dtmf | CallStarted | CallStopped
+)
+
+_BINARY_FIELDS = {"audio": "data", "voice.create": "audio", "input.audio": "data"}
 
 # --------------------------------------------------------------------------------------------- encoding
 
@@ -446,9 +521,8 @@ def _decode_map(obj: Mapping[str, Any], encoding: Encoding) -> ClientMessage:
         raise ProtocolError("bad_message", "every message needs a string 'type'")
     f = _Fields(obj, mtype, encoding)
     if mtype == "session.start":
-        return SessionStart(
-            session=f.id_("session"), speakers=f.speakers(), output=f.map_("output"), sampling=f.map_("sampling")
-        )
+        return SessionStart(session=f.id_("session"), speakers=f.speakers(), output=f.map_("output"),
+                            sampling=f.map_("sampling"), input=f.map_("input"))
     if mtype == "text":
         text = f.str_("text", required=True, max_len=MAX_TEXT_CHARS)
         assert text is not None
@@ -476,7 +550,21 @@ def _decode_map(obj: Mapping[str, Any], encoding: Encoding) -> ClientMessage:
             sample_rate=f.int_("sample_rate", 8000, 192000),
         )
     if mtype == "session.update":
-        return SessionUpdate(speakers=f.speakers(), output=f.map_("output"), sampling=f.map_("sampling"))
+        return SessionUpdate(speakers=f.speakers(), output=f.map_("output"), sampling=f.map_("sampling"),
+                             input=f.map_("input"))
+    if mtype == "input.audio":
+        return InputAudio(data=f.bytes_("data"))
+    if mtype == "input.commit":
+        text = f.str_("text", required=True, max_len=MAX_TEXT_CHARS)
+        speaker = f.int_("speaker", 0, MAX_SPEAKER, required=True)
+        start = f.num("start_ms", 0.0, 24 * 3600 * 1000.0, required=True)
+        end = f.num("end_ms", 0.0, 24 * 3600 * 1000.0, required=True)
+        assert text is not None and speaker is not None and start is not None and end is not None
+        if not text.strip():
+            raise ProtocolError("bad_message", "input.commit.text (what the caller said) must not be empty")
+        if end <= start:
+            raise ProtocolError("bad_message", "input.commit needs start_ms < end_ms")
+        return InputCommit(speaker=speaker, text=text, start_ms=start, end_ms=end)
     if mtype == "ping":
         return Ping()
     raise ProtocolError("unknown_type", f"unknown message type {mtype!r}")
@@ -484,7 +572,15 @@ def _decode_map(obj: Mapping[str, Any], encoding: Encoding) -> ClientMessage:
 
 __all__ = [
     "Audio",
+    "CallStarted",
+    "CallStopped",
     "Cancel",
+    "Dtmf",
+    "InputAudio",
+    "InputCommit",
+    "InputRelay",
+    "SpeechStarted",
+    "SpeechStopped",
     "ClientMessage",
     "ERROR_CODES",
     "Encoding",
@@ -505,8 +601,10 @@ __all__ = [
     "TurnDone",
     "TurnEnd",
     "TurnStarted",
+    "Visemes",
     "VoiceCreate",
     "VoiceCreated",
+    "Words",
     "decode_client",
     "decode_server",
     "encode",

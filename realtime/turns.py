@@ -285,6 +285,17 @@ class TurnMachine:
         t = self._turns.get(turn)
         return t is not None and t.reason != "cancelled" and t.state in IN_FLIGHT
 
+    def audible_turns(self) -> list[int]:
+        """Turns the listener may still be hearing: in flight, or done (turn.done sent) but not yet settled; a
+        cancelled one is silent already."""
+        return [i for i, t in self._turns.items()
+                if (t.state in IN_FLIGHT or t.state is TurnState.DONE) and t.reason != "cancelled"]
+
+    def sent_ms(self, turn: int) -> float:
+        """Audio of ``turn`` handed to the socket so far."""
+        t = self._turns.get(turn)
+        return 0.0 if t is None else t.delivered * t.frame_ms
+
     def context_of(self, turn: int) -> str:
         t = self._turns.get(turn)
         return "" if t is None else t.context
@@ -596,12 +607,31 @@ class TurnMachine:
             context=t.context or None,
         )
 
-    def _remember(self, t: _Turn, now: float) -> None:
+    def caller_turn(self, speaker: int, text: str, audio_ms: float, codes: np.ndarray | None) -> int:
+        """What the caller said (``input.commit``), as a finished turn of ``speaker`` with its audio's codes: stored
+        in order with the others, and in the context of every later turn. Returns its index."""
+        if self.unstored >= self.limits.max_unstored:
+            raise ProtocolError("limit", f"{self.unstored} finished turns wait to be stored; input.commit refused")
+        index = self._next
+        self._next += 1
+        now = self.clock()
+        t = _Turn(index=index, speaker=speaker, context="input", frame_ms=self.output_frame_ms, started_at=self.wall(),
+                  segmenter=Segmenter(self.limits.segment_chars), current_speaker=speaker, segment_speaker=speaker,
+                  state=TurnState.FINISHING, reason="complete", done_queued=True)
+        self._turns[index] = t
+        self._remember(t, now, Turn(index=index, speaker=speaker, text=text, state="complete",
+                                    audio_ms=int(round(audio_ms)), codes=codes, context="input",
+                                    started_at=t.started_at))
+        self._settle(t)
+        self._prune()
+        return index
+
+    def _remember(self, t: _Turn, now: float, record: Turn | None = None) -> None:
         if t.reason != "cancelled":
             t.heard_ms = None  # reports while it played were progress; only a cancel or a later report cuts it
         t.state = TurnState.DONE
         t.done_at = now
-        t.record = self._record(t)
+        t.record = record or self._record(t)
         if t.stand_in:  # a stand-in holds its place: the real record replaces it (an amendment once stored)
             self._replace(t.index, t.record)
         else:

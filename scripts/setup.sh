@@ -37,4 +37,6 @@ if [[ $mode == --test ]]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
+# the Silero VAD model files (realtime/vad.py runs them with onnxruntime): without the torch the wheel declares
+.venv/bin/python -m pip install -q --no-deps 'silero-vad==6.2.3'
 echo "setup: ready (.venv/bin/shoal)"
