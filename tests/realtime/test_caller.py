@@ -21,11 +21,13 @@ from engine.base import SynthesisRequest
 from engine.espeak import SAMPLE_RATE, EspeakConfig, EspeakSynthesizer
 from realtime.audio import mulaw_decode, mulaw_encode
 from realtime.caller import InputFormat, InputStream
+from realtime.protocol import Text, TurnEnd
 from realtime.vad import VAD_RATE, VoiceActivity
 from sessions.embedded import EmbeddedRedis
 from sessions.store import SessionStore
 from tests.realtime.conftest import Client, Server
 from tests.realtime.test_e2e import speak
+from tests.realtime.test_turns import Sim
 
 LONG = "This is the assistant speaking at some length, so that there is plenty of time to interrupt it. " * 3
 UTTERANCE = "Wait, stop, I have a question about that."
@@ -308,3 +310,36 @@ async def test_a_phone_call_hears_the_session_and_interrupts_it(server: Server, 
     # the stored turn is cut where the caller was when they started speaking (mark echoes, every 200 ms)
     assert turns[1].audio_ms == pytest.approx(heard_at_onset, abs=150), (turns[1].audio_ms, heard_at_onset)
     assert LONG.startswith(turns[1].text) and 0 < len(turns[1].text) < len(LONG)
+
+
+async def test_low_noise_on_the_line_interrupts_nothing(server: Server) -> None:
+    client = await Client.connect(server.url)
+    await client.start(input={"codec": "mulaw"}, output={"codec": "mulaw"})
+    rng = np.random.default_rng(9)
+    await client.send(type="text", text="A short answer, heard to the end.")
+    await client.send(type="turn.end")
+    await client.until("audio")
+    hiss = (0.004 * rng.standard_normal(8000 * 3)).astype(np.float32)  # -48 dBFS line noise, 3 s
+    for i in range(0, hiss.size, FRAME):
+        await client.send(type="input.audio", data=mulaw_encode(hiss[i : i + FRAME]))
+    done, seen = await client.until("turn.done", timeout=30)
+    assert done["reason"] == "complete"
+    assert not [m for m in seen if m["type"].startswith("input.speech")]
+    await client.close()
+
+
+def test_a_committed_caller_turn_is_in_the_next_turns_context() -> None:
+    """The turn machine keeps the caller's turn, with its codes, in order: the next reply's prompt holds both sides."""
+    sim = Sim()
+    sim.say("How can I help?")
+    codes = np.arange(40, dtype=np.int16).reshape(10, 4)
+    assert sim.m.caller_turn(3, "My order is late.", 186.0, codes) == 1
+    sim.send(Text("Let me look."))
+    sim.send(TurnEnd())
+    job = sim.m.next_job()
+    past = sim.m.past(job.turn)
+    assert [(p.speaker, p.text) for p in past] == [(0, "How can I help?"), (3, "My order is late.")]
+    assert past[1].codes is codes
+    while sim.write():
+        pass
+    assert sim.stored[1].context == "input" and sim.stored[1].audio_ms == 186

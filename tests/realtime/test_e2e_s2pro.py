@@ -148,3 +148,25 @@ async def test_two_contexts_are_batched_and_both_stored_with_their_codes(s2: Ser
     turns = await stored_turns(s2, sid)
     assert [(t.index, t.context, t.speaker) for t in turns] == [(0, "a", 0), (1, "b", 1)]
     assert all(t.codes is not None and t.codes.shape[0] == 10 and t.codes.shape[1] > 0 for t in turns)
+
+
+async def test_a_committed_caller_turn_is_stored_with_its_codes(s2: Server) -> None:
+    """input.commit under S2 Pro: the caller's audio goes through the codec encoder once and is stored as the turn's
+    codes, so the next prompt holds the caller's own sound (the tiny fixture's codec has random weights)."""
+    a = await Client.connect(s2.url)
+    ready = await a.start(sampling=SAMPLING, input={"codec": "pcm16", "sample_rate": 16000, "vad": "off"})
+    await speak(a, ["Hello there."], 0)
+    tone = (0.3 * np.sin(np.arange(16000) * 2 * np.pi * 220 / 16000)).astype(np.float32)  # 1 s of "caller"
+    pcm16 = (tone * 32767).astype("<i2").tobytes()
+    for i in range(0, len(pcm16), 640):
+        await a.send(type="input.audio", data=pcm16[i : i + 640])
+    await a.ping()
+    await a.send(type="input.commit", speaker=1, text="Hi, it is me.", start_ms=0, end_ms=1000)
+    done, msgs = await speak(a, ["Nice to hear you."], 0)
+    assert done["turn"] == 2 and not [m for m in msgs if m["type"] == "error"]
+    await a.close()
+    turns = await stored_turns(s2, ready["session"])
+    caller = turns[1]
+    assert (caller.speaker, caller.text, caller.context, caller.audio_ms) == (1, "Hi, it is me.", "input", 1000)
+    assert caller.codes is not None and caller.codes.shape[0] == 10
+    assert abs(caller.codes.shape[1] - 21.5) <= 2  # one second of codec frames
