@@ -48,6 +48,7 @@ const state = {
   playbackReports: [], // the last playback messages sent: {turn, played_ms}
   wordsMessages: 0,
   visemesMessages: 0,
+  callerFrames: 0, // a joined phone call's audio frames relayed to the page
   errors: [],
   voices: loadVoices(),
   voiceAudio: null, // bytes to register
@@ -128,6 +129,13 @@ function onMessage(msg) {
       return onError(msg);
     case "pong":
       return undefined;
+    case "call.started": // a phone call joined this session (/v1/twilio): it hears the audio from now on
+    case "call.stopped":
+    case "input.speech_started":
+    case "input.speech_stopped":
+    case "input.dtmf":
+    case "input.audio":
+      return onCaller(msg);
     default:
       log(`unknown message type ${msg.type}`, "error");
   }
@@ -457,6 +465,23 @@ function renderVoices() {
   );
 }
 
+// The caller's side, when a phone call joins the session this page drives: the call is then the listener (the
+// session's audio goes to it, not to this page) and its caller the input; the page notes the call's events.
+function onCaller(msg) {
+  if (msg.type === "input.audio") {
+    state.callerFrames += 1; // the call's audio relayed, 50 frames a second: counted, not logged
+    return;
+  }
+  const text = {
+    "call.started": () => `phone call ${msg.call} joined: it hears the session now, and its caller can interrupt`,
+    "call.stopped": () => `phone call ${msg.call} ended (${msg.reason}): the audio comes back here`,
+    "input.speech_started": () => `the caller started speaking (${(msg.ms / 1000).toFixed(2)} s into the call)`,
+    "input.speech_stopped": () => `the caller stopped speaking (${(msg.ms / 1000).toFixed(2)} s into the call)`,
+    "input.dtmf": () => `the caller pressed ${msg.digit}`,
+  }[msg.type];
+  log(text());
+}
+
 function onVoiceCreated(msg) {
   state.registering = false;
   state.voices = [{ voice: msg.voice, seconds: msg.seconds }, ...state.voices.filter((v) => v.voice !== msg.voice)].slice(0, 50);
@@ -710,6 +735,7 @@ function stats() {
     timing: state.engine?.timing ?? null, // exact | estimated | none
     wordsMessages: state.wordsMessages,
     visemesMessages: state.visemesMessages,
+    callerFrames: state.callerFrames,
     errors: state.errors.map((e) => ({ code: e.code, message: e.message, fatal: e.fatal })),
   };
 }

@@ -1,17 +1,21 @@
 // Playback: wire audio -> PCM -> the jitter buffer in player-worklet.js -> speakers.
 //
 // Opus packets are decoded with WebCodecs' AudioDecoder; where WebCodecs (or its Opus) is missing the app asks the
-// server for PCM16 instead, which needs no decoder (mu-law is understood too). One AudioContext runs at the
-// stream's sample rate. Each turn is a fresh Opus stream on the server, so the decoder is flushed at the end of a
-// turn (its last samples reach the buffer before the turn's end marker) and reset on barge-in (queued packets are
-// dropped at once). Decoded audio is tagged with its turn through the chunk timestamp.
+// server for PCM16 instead, which needs no decoder (the telephony codecs mu-law and A-law are understood too). One
+// AudioContext runs at the stream's sample rate. Each turn is a fresh Opus stream on the server, so the decoder is
+// flushed at the end of a turn (its last samples reach the buffer before the turn's end marker) and reset on barge-in
+// (queued packets are dropped at once). Decoded audio is tagged with its turn through the chunk timestamp.
 //
 // Concurrent contexts: each context's turns are separate Opus streams from separate encoders on the server, so each
 // context gets its own AudioDecoder, and its PCM goes to its own lane (jitter buffer) in the worklet, which mixes the
 // lanes. The default context is the lane "". Barge-in clears one lane (one context) or all of them.
 
+import { alawToFloat, mulawToFloat } from "./g711.js";
+
 export const JITTER_TARGET_MS = 120; // start (and restart after an underrun) once this much audio is queued
 export const JITTER_MAX_MS = 6000; // beyond this the oldest audio is dropped (server lead_ms is 1500 by default)
+
+const PCM_DECODERS = { pcm16: pcm16ToFloat, mulaw: mulawToFloat, alaw: alawToFloat }; // codecs without a decoder object
 
 const TURN_US = 2 ** 34; // chunk timestamp = turn * TURN_US + TURN_US / 2 + ms * 1000 (µs); TURN_US ≈ 4.8 h
 
@@ -80,7 +84,7 @@ export class Player {
   lane(context = "") {
     let lane = this.lanes.get(context);
     if (lane === undefined) {
-      lane = { decoder: null, minTurn: 0, packetsReceived: 0, packetsDecoded: 0, decodeErrors: 0 };
+      lane = { decoder: null, minTurn: 0, packetsReceived: 0, packetsDecoded: 0, decodeErrors: 0, refusedTurn: null };
       this.lanes.set(context, lane);
     }
     return lane;
@@ -123,7 +127,13 @@ export class Player {
       const timestamp = msg.turn * TURN_US + TURN_US / 2 + Math.round(msg.ms * 1000);
       lane.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp, data: msg.data }));
     } else {
-      const pcm = codec === "pcm16" ? pcm16ToFloat(msg.data) : mulawToFloat(msg.data);
+      const decode = PCM_DECODERS[codec];
+      if (decode === undefined) { // a codec this page never asks for: say so once per turn, play nothing
+        if (lane.refusedTurn !== msg.turn) this.onError(`output.codec ${codec} cannot be played here`);
+        lane.refusedTurn = msg.turn;
+        return;
+      }
+      const pcm = decode(msg.data);
       this.packetsDecoded += 1;
       lane.packetsDecoded += 1;
       this._post(context, msg.turn, pcm);
@@ -231,21 +241,5 @@ function pcm16ToFloat(bytes) {
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const out = new Float32Array(bytes.byteLength >> 1);
   for (let i = 0; i < out.length; i++) out[i] = view.getInt16(2 * i, true) / 32768;
-  return out;
-}
-
-const MULAW = (() => {
-  const table = new Float32Array(256);
-  for (let i = 0; i < 256; i++) {
-    const u = ~i & 0xff;
-    const t = (((u & 0x0f) << 3) + 0x84) << ((u & 0x70) >> 4);
-    table[i] = ((u & 0x80 ? 0x84 - t : t - 0x84) / 32768);
-  }
-  return table;
-})();
-
-function mulawToFloat(bytes) {
-  const out = new Float32Array(bytes.length);
-  for (let i = 0; i < bytes.length; i++) out[i] = MULAW[bytes[i]];
   return out;
 }

@@ -3,15 +3,19 @@
 //
 // A message is a plain object with a `type`: {type: "text", text: "Hi.", speaker: 1}. `encode` writes it as a
 // msgpack binary frame (Uint8Array) or a JSON text frame (string); `decode` reads either kind of frame back into a
-// plain object, binary fields (audio.data, voice.create.audio) as Uint8Array in both encodings.
+// plain object, binary fields (audio.data, voice.create.audio, input.audio.data) as Uint8Array in both encodings.
+//
+// "input.audio" is a type of both directions, as in Python: the client's frame of the caller's audio {data}
+// (InputAudio) and the server's relay of a phone call's audio to the application {data, ms, codec} (InputRelay).
+// A message that gives a field only the server's has (ms, codec) is the relay; one with `data` alone, the frame.
 //
 // To match Python's bytes exactly, the encoder knows each field's kind, as the Python dataclasses do:
 //   - fields are written in the dataclass's order, `type` first, absent (null/undefined) fields left out;
 //   - float fields (audio.ms, turn.done.audio_ms, playback.played_ms, ...) are always floats: float64 in msgpack,
 //     and in JSON written the way Python's repr writes them ("20.0", "1e-05"); integers stay integers;
 //   - JSON is compact (no spaces) with non-ASCII left as is (Python's ensure_ascii=False), binary as base64;
-//   - nested maps are typed by their key (MAPS): session output/engine/sampling, and each entry of words.words and
-//     visemes.visemes (word timing: start_ms / end_ms are floats, a viseme id an integer).
+//   - nested maps are typed by their key (MAPS): session output/engine/sampling/input, each entry of words.words,
+//     visemes.visemes and session.ready.history (word timing: start_ms / end_ms are floats, a viseme id an integer).
 // Python's decoder accepts an integer where a float is expected, so only the golden test cares about this.
 
 import { Encoder } from "./vendor/msgpack/Encoder.mjs";
@@ -49,6 +53,12 @@ const MAPS = {
   },
   engine: { name: "str", sample_rate: "int", cloning: "bool", frame_ms: "float", timing: "str" },
   sampling: { temperature: "float", top_p: "float", top_k: "int", seed: "int", max_frames: "int" },
+  input: { // the caller's audio (realtime/caller.py InputFormat)
+    codec: "str", sample_rate: "int", vad: "onoff", barge_in: "bool", threshold: "float", min_speech_ms: "int",
+    min_silence_ms: "int",
+  },
+  history: { turn: "int", speaker: "int", text: "str", state: "str", audio_ms: "int" }, // session.ready.history[i]
+  parameters: {}, // call.started.parameters: the call's custom parameters, strings written as given
   word: { text: "str", start_ms: "float", end_ms: "float" }, // words.words[i]: turn-relative, the clock of audio.ms
   viseme: { id: "int", start_ms: "float" }, // visemes.visemes[i]: held until the next one's start_ms
 };
@@ -58,21 +68,27 @@ export const TIMESTAMPS = Object.freeze(["none", "words", "visemes"]);
 
 // [field, kind, required?] in the order of the Python dataclass fields.
 const CLIENT = {
-  "session.start": [["session", "id"], ["speakers", "speakers"], ["output", "map:output"], ["sampling", "map:sampling"]],
+  "session.start": [
+    ["session", "id"], ["speakers", "speakers"], ["output", "map:output"], ["sampling", "map:sampling"],
+    ["input", "map:input"],
+  ],
   text: [["text", "text", true], ["speaker", "speaker"], ["context", "id"]],
   flush: [["context", "id"]],
   "turn.end": [["context", "id"]],
   cancel: [["context", "id"]],
   playback: [["turn", "int", true], ["played_ms", "float", true], ["context", "id"]],
   "voice.create": [["audio", "bytes", true], ["text", "transcript", true], ["voice", "id"], ["sample_rate", "int"]],
-  "session.update": [["speakers", "speakers"], ["output", "map:output"], ["sampling", "map:sampling"]],
+  "session.update": [["speakers", "speakers"], ["output", "map:output"], ["sampling", "map:sampling"], ["input", "map:input"]],
+  "input.audio": [["data", "bytes", true]], // one frame of the caller's audio, in the session's input.codec
+  "input.commit": [["speaker", "speaker", true], ["text", "text", true], ["start_ms", "float", true], ["end_ms", "float", true]],
   ping: [],
 };
 
 const SERVER = {
   "session.ready": [
     ["session", "str", true], ["engine", "map:engine", true], ["output", "map:output", true], ["resumed", "bool", true],
-    ["turns", "int", true], ["protocol", "int", true], ["speakers", "speakers", true],
+    ["turns", "int", true], ["protocol", "int", true], ["speakers", "speakers", true], ["history", "list:history"],
+    ["input", "map:input"],
   ],
   "turn.started": [["turn", "int", true], ["speaker", "int", true], ["context", "str"]],
   audio: [["turn", "int", true], ["seq", "int", true], ["ms", "float", true], ["data", "bytes", true], ["context", "str"]],
@@ -89,16 +105,34 @@ const SERVER = {
   "voice.created": [["voice", "str", true], ["seconds", "float", true], ["frames", "int", true]],
   error: [["code", "str", true], ["message", "str", true], ["fatal", "bool", true]],
   pong: [],
+  "input.speech_started": [["ms", "float", true]], // the onset, on the input clock
+  "input.speech_stopped": [["ms", "float", true]],
+  "input.audio": [["data", "bytes", true], ["ms", "float", true], ["codec", "str", true]], // a call's audio, relayed
+  "input.dtmf": [["digit", "str", true], ["ms", "float", true]],
+  "call.started": [["call", "str", true], ["stream", "str", true], ["parameters", "map:parameters"]],
+  "call.stopped": [["call", "str", true], ["reason", "str", true]], // hangup | disconnected
 };
 
 export const CLIENT_TYPES = Object.freeze(Object.keys(CLIENT));
 export const SERVER_TYPES = Object.freeze(Object.keys(SERVER));
 
 /** The binary field of a message type, if it has one. */
-export const BINARY_FIELDS = Object.freeze({ audio: "data", "voice.create": "audio" });
+export const BINARY_FIELDS = Object.freeze({ audio: "data", "voice.create": "audio", "input.audio": "data" });
 
-/** Defaults the Python dataclasses fill in when a field is not given. */
-const DEFAULTS = { "session.ready": { protocol: PROTOCOL_VERSION, speakers: [] }, error: { fatal: false } };
+/** Defaults the Python dataclasses fill in when a field is not given (only for fields of the chosen schema). */
+const DEFAULTS = {
+  "session.ready": { protocol: PROTOCOL_VERSION, speakers: [] }, error: { fatal: false }, "input.audio": { codec: "mulaw" },
+};
+
+/** Rules across fields, checked after each field's kind, as Python's decoder checks them. */
+const CHECKS = {
+  "input.commit": (m) => {
+    if (!m.text.trim()) throw new ProtocolError("bad_message", "input.commit.text (what the caller said) must not be empty");
+    if (m.start_ms.value < 0 || m.end_ms.value <= m.start_ms.value) {
+      throw new ProtocolError("bad_message", "input.commit needs 0 <= start_ms < end_ms");
+    }
+  },
+};
 
 // ---------------------------------------------------------------------------------------------- encoding
 
@@ -165,6 +199,9 @@ function typed(mtype, name, kind, v) {
     case "bool":
       if (typeof v !== "boolean") throw bad(mtype, name, "a boolean", v);
       return v;
+    case "onoff": // input.vad: "on" | "off" on the wire (booleans accepted, as the server does)
+      if (v !== "on" && v !== "off" && typeof v !== "boolean") throw bad(mtype, name, '"on" or "off"', v);
+      return v;
     case "bytes": {
       const b = toBytes(v);
       if (b === null) throw bad(mtype, name, "binary (Uint8Array)", v);
@@ -217,10 +254,17 @@ function plain(v) {
   return v;
 }
 
-function schema(mtype) {
-  const fields = CLIENT[mtype] ?? SERVER[mtype];
-  if (fields === undefined) throw new ProtocolError("unknown_type", `unknown message type ${JSON.stringify(mtype)}`);
-  return fields;
+// The fields of a message's type; for a type of both directions (input.audio), the server's when the message gives a
+// field that only the server's has, else the client's.
+function schema(msg) {
+  const client = CLIENT[msg.type];
+  const server = SERVER[msg.type];
+  if (client === undefined && server === undefined) {
+    throw new ProtocolError("unknown_type", `unknown message type ${JSON.stringify(msg.type)}`);
+  }
+  if (client === undefined || server === undefined) return client ?? server;
+  const shared = new Set(client.map(([name]) => name));
+  return server.some(([name]) => !shared.has(name) && msg[name] != null) ? server : client;
 }
 
 // The message as its typed wire map: `type` first, fields in schema order, absent fields left out.
@@ -228,7 +272,7 @@ function typedWire(msg) {
   if (!isPlainObject(msg) || typeof msg.type !== "string") {
     throw new ProtocolError("bad_message", "every message needs a string 'type'");
   }
-  const fields = schema(msg.type);
+  const fields = schema(msg);
   const defaults = DEFAULTS[msg.type] ?? {};
   const out = { type: msg.type };
   for (const [name, kind, required] of fields) {
@@ -239,6 +283,7 @@ function typedWire(msg) {
     }
     out[name] = typed(msg.type, name, kind, value);
   }
+  CHECKS[msg.type]?.(out);
   return out;
 }
 

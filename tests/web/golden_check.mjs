@@ -82,6 +82,20 @@ export function checkGolden(protocol, data) {
   expectThrows(failures, "word not a map", "bad_message", () => protocol.encode({ type: "words", turn: 0, words: ["Hi"], estimated: false }));
   expectThrows(failures, "word time not a number", "bad_message", () => protocol.encode({ type: "words", turn: 0, words: [{ text: "Hi", start_ms: "0", end_ms: 1 }], estimated: false }));
   expectThrows(failures, "visemes not a list", "bad_message", () => protocol.encode({ type: "visemes", turn: 0, visemes: { id: 0, start_ms: 0 } }));
+  expectThrows(failures, "input.vad neither on nor off", "bad_message", () => protocol.encode({ type: "session.start", input: { vad: 1 } }));
+  expectThrows(failures, "input.threshold not a number", "bad_message", () => protocol.encode({ type: "session.update", input: { threshold: "high" } }));
+  expectThrows(failures, "input.commit empty", "bad_message", () => protocol.encode({ type: "input.commit", speaker: 1, text: " ", start_ms: 0, end_ms: 5 }));
+  expectThrows(failures, "input.commit backwards", "bad_message", () => protocol.encode({ type: "input.commit", speaker: 1, text: "Hi", start_ms: 5, end_ms: 5 }));
+  expectThrows(failures, "input.audio relay without ms", "bad_message", () => protocol.encode({ type: "input.audio", data: new Uint8Array(2), codec: "alaw" }));
+  // input.audio in both directions: the client's frame is {data}; with ms it is the server's relay, codec mulaw by default
+  const bytes = new Uint8Array([1, 2]);
+  const frame = show(protocol.toWire({ type: "input.audio", data: bytes }));
+  if (frame !== "{type:\"input.audio\",data:bytes(0102)}") failures.push(`input.audio frame: ${frame}`);
+  const relay = show(protocol.toWire({ codec: "mulaw", ms: 20, data: bytes, type: "input.audio" }));
+  const relayDefault = show(protocol.toWire({ type: "input.audio", data: bytes, ms: 20 }));
+  for (const got of [relay, relayDefault]) {
+    if (got !== "{type:\"input.audio\",data:bytes(0102),ms:20,codec:\"mulaw\"}") failures.push(`input.audio relay: ${got}`);
+  }
   expectThrows(failures, "not JSON", "bad_message", () => protocol.decode("{not json"));
   expectThrows(failures, "JSON list", "bad_message", () => protocol.decode("[1,2]"));
   expectThrows(failures, "msgpack list", "bad_message", () => protocol.decode(new Uint8Array([0x92, 0x01, 0x02])));
