@@ -14,6 +14,13 @@ Three steps, each usable alone:
 
 ``sweep`` repeats 1-3 at rising concurrency until a threshold breaks and reports the capacity.
 
+``--telephony`` makes every session a phone call (:mod:`loadtest.call`): the application drives the session over
+``/v1/realtime`` and a simulated Twilio Media Stream joins it on ``/v1/twilio``, plays its mu-law audio in real time
+and speaks over some of its turns with a short utterance of the built-in voice. The statistics add the call's
+numbers (:mod:`loadtest.callstats`): onset-to-``clear`` latency, missed and spurious barge-ins, server CPU per
+call, and the voice activity's own cost per call, timed in-process before the load (:mod:`loadtest.caller`).
+
 The load test talks to the server only over the wire; the one piece it shares with the server is the protocol
-codec (:mod:`realtime.protocol`).
+codec (:mod:`realtime.protocol`), and in telephony mode the caller's voice (``engine.espeak``) and the benchmark of
+the server's input path (``realtime.caller``, ``realtime.vad``).
 """

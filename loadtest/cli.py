@@ -4,6 +4,7 @@
     shoal loadtest --serve stub --stub-ttft-ms 0 --sessions 100 --duration 30 --out DIR
     shoal loadtest --serve stub --sessions 50 --contexts 2 --out DIR     # two characters talking at once per session
     shoal loadtest --serve espeak --timestamps words --out DIR           # word timing: counted, and checked for order
+    shoal loadtest --serve stub --telephony --sessions 25 --out DIR      # phone calls: Twilio Media Streams, barge-in
     shoal loadtest sweep --serve stub --start 100 --step 100 --max-sessions 800 --out DIR
     shoal loadtest report --out DIR          # recompute summary.json and the report from DIR/raw
 
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.config import TIMESTAMPS, SwarmConfig
+from loadtest.config import TELEPHONY_OUTPUT, TIMESTAMPS, SwarmConfig
 
 
 def _range(kind: type) -> Any:
@@ -64,15 +65,25 @@ def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
     load.add_argument("--tokens-per-s", type=float, default=30.0, help="text token rate per session (default 30)")
     load.add_argument("--sentences", type=_range(int), default=(1, 3), help="sentences per turn, N or N-M (default 1-3)")
     load.add_argument("--think", type=_range(float), default=(0.3, 1.0), help="pause between turns in s (default 0.3-1.0)")
-    load.add_argument("--barge-in", type=float, default=0.0, help="share of turns interrupted (default 0)")
+    load.add_argument("--barge-in", type=float, default=None,
+                      help="share of turns interrupted (default 0; with --telephony 0.5, by the caller's voice)")
     load.add_argument("--speaker-change", type=float, default=0.2,
                       help="share of turns that change speaker (default 0.2; one context only)")
     load.add_argument("--contexts", type=int, default=1, metavar="N",
                       help="concurrent contexts per session (ids c0..cN-1), each with its own speaker, turns, player "
                            "and barge-ins, first turns sent together (default 1: no `context` on the wire; the "
                            "server allows 8 by default)")
-    load.add_argument("--codec", choices=("opus", "pcm16", "mulaw"), default="opus")
-    load.add_argument("--sample-rate", type=int, default=48000)
+    load.add_argument("--telephony", action="store_true",
+                      help="each session is a phone call: the application drives it over /v1/realtime and a simulated "
+                           "Twilio Media Stream joins it on /v1/twilio, plays its mu-law 8 kHz audio, echoes marks, "
+                           "and speaks over a share (--barge-in) of the turns with a short utterance of the built-in "
+                           "voice; adds onset-to-clear latency, server CPU per call and the VAD's cost per call")
+    load.add_argument("--vad-bench-s", type=float, default=30.0, metavar="S",
+                      help="with --telephony: seconds of line audio through the server's input path and its voice "
+                           "activity, timed in this process before the load (default 30; 0: skip)")
+    load.add_argument("--codec", choices=("opus", "pcm16", "mulaw"), default=None,
+                      help="output.codec (default opus; with --telephony the call's mu-law)")
+    load.add_argument("--sample-rate", type=int, default=None, help="default 48000 (with --telephony 8000)")
     load.add_argument("--frame-ms", type=int, default=20)
     load.add_argument("--lead-ms", type=int, default=None, help="output.lead_ms (default: the server's)")
     load.add_argument("--timestamps", choices=TIMESTAMPS, default="none",
@@ -100,6 +111,8 @@ def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, url: str) -> SwarmConfig:
     ramp = args.ramp if args.ramp is not None else min(10.0, args.duration / 6)
+    phone = TELEPHONY_OUTPUT if args.telephony else {"codec": "opus", "sample_rate": 48000}
+    barge_in = args.barge_in if args.barge_in is not None else (0.5 if args.telephony else 0.0)
     return SwarmConfig(
         url=url,
         sessions=args.sessions,
@@ -111,17 +124,19 @@ def _config(args: argparse.Namespace, url: str) -> SwarmConfig:
         tokens_per_s=args.tokens_per_s,
         sentences=args.sentences,
         think_s=args.think,
-        barge_in=args.barge_in,
+        barge_in=barge_in,
         speaker_change=args.speaker_change,
         contexts=args.contexts,
-        codec=args.codec,
-        sample_rate=args.sample_rate,
+        codec=args.codec or phone["codec"],
+        sample_rate=args.sample_rate or phone["sample_rate"],
         frame_ms=args.frame_ms,
         lead_ms=args.lead_ms,
         timestamps=args.timestamps,
         prebuffer_ms=args.prebuffer_ms,
         compression=args.compression,
         floor_probes=args.floor_probes,
+        telephony=args.telephony,
+        vad_bench_s=args.vad_bench_s,
     )
 
 
@@ -150,6 +165,16 @@ def _print_summary(s: dict[str, Any], out_dir: Path) -> None:
         print(f"word timing    {timing['requested']}: {timing['words_messages']} words messages ({timing['words']} words, "
               f"{timing['estimated_messages']} estimated), {timing['visemes_messages']} visemes messages")
     print(f"underruns      {s['underruns']} ({s['underrun_ms']:.1f} ms), errors {s['errors']} {s['errors_by_code'] or ''}")
+    phone = s.get("telephony")
+    if phone is not None:
+        b, vad = phone["barge_ins"], phone["vad"]
+        print(f"calls          {phone['joined']}/{phone['calls']} joined; barge-ins {b['cleared']}/{b['utterances']} "
+              f"cleared, {b['missed']} missed, {b['spurious_clears']} spurious clears")
+        print(f"onset->clear   {d(phone['onset_to_clear_ms'])}")
+        print(f"VAD onset err  {d(phone['vad_onset_error_ms'])} (speech_started.ms - the utterance's onset)")
+        print(f"CPU per call   server {phone['server_cpu_per_call']} % of a core; input path "
+              + ("–" if vad is None else f"{vad['per_call_pct']} % (VAD alone {vad['vad_per_call_pct']} %: "
+                 f"{vad['vad_ms_per_s']} ms per audio second, measured on {vad['audio_s']:g} s)"))
     print(f"server CPU %   mean {cpu['server']['mean']} (+children {cpu['server_children']['mean']}), "
           f"per stream {cpu['server_per_stream']}; client {cpu['client']['mean']}"
           + (" (client saturated)" if s["client_saturated"] else ""))
@@ -203,8 +228,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
                 busy_retries=2 if args.wait_quiet > 0 else 0,
             )
             per = f" x {config.contexts} contexts" if config.contexts > 1 else ""
-            print(f"capacity: {result['capacity']} sessions{per} (TTFA p99 <= {args.ttfa_p99_ms} ms, underruns <= "
-                  f"{args.max_underruns}){' - limited by the client' if result['limited_by_client'] else ''}")
+            unit, missed = ("phone calls", ", no barge-in missed") if config.telephony else ("sessions", "")
+            print(f"capacity: {result['capacity']} {unit}{per} (TTFA p99 <= {args.ttfa_p99_ms} ms, underruns <= "
+                  f"{args.max_underruns}{missed}){' - limited by the client' if result['limited_by_client'] else ''}")
             print(f"report: {out_dir / 'report.html'}")
             return 0 if all(st["sane"] for st in result["steps"]) else 1
         thresholds = (args.ttfa_p99_ms, args.max_underruns)

@@ -72,12 +72,13 @@ class Live:
 
 
 @dataclass
-class _TurnState:
+class TurnState:
     plan: TurnPlan
     player: Player
     k: int | None = None  # the session-wide turn index, allocated when its first text is sent
     server_turn: int | None = None
     first_audio: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # its turn.end was sent: all its text is out
     done: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False
 
@@ -92,9 +93,10 @@ class SimSession:
         self.ws: ClientConnection | None = None
         self.frame_ms = float(config.frame_ms)
         self.ready = asyncio.Event()
+        self.session_id: str | None = None  # from session.ready
         self.closed = asyncio.Event()
-        self.current: dict[str | None, _TurnState] = {}  # context -> its turn now
-        self.by_turn: dict[int, _TurnState] = {}  # server turn index -> turn, from turn.started to turn.done
+        self.current: dict[str | None, TurnState] = {}  # context -> its turn now
+        self.by_turn: dict[int, TurnState] = {}  # server turn index -> turn, from turn.started to turn.done
         self._pongs: deque[asyncio.Future[None]] = deque()  # pings in flight, oldest first (answered in order)
         self._first_send = asyncio.Lock()  # a turn's index and its first text go out together
         self._next_k = 0
@@ -121,10 +123,26 @@ class SimSession:
     async def _run(self) -> str:
         config = self.config
         self.rec.event("conn", self.rec.now(), self.sid)
+        self.ws = await self.open(config.url)
+        if self.ws is None:
+            return "error"
+        self.live.open += 1
+        self.live.connected += 1
+        self.rec.event("open", self.rec.now(), self.sid)
+        reader = asyncio.create_task(self._reader(), name=f"reader-{self.sid}")
         try:
-            self.ws = await asyncio.wait_for(
+            return await self._converse()
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def open(self, url: str) -> ClientConnection | None:
+        """A WebSocket to ``url`` with the run's settings; None (an error recorded) if it cannot be opened."""
+        config = self.config
+        try:
+            return await asyncio.wait_for(
                 connect(
-                    config.url,
+                    url,
                     compression="deflate" if config.compression else None,
                     max_size=None,
                     ping_interval=None,
@@ -136,16 +154,7 @@ class SimSession:
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             self._error("connect", f"{type(exc).__name__}: {exc}")
-            return "error"
-        self.live.open += 1
-        self.live.connected += 1
-        self.rec.event("open", self.rec.now(), self.sid)
-        reader = asyncio.create_task(self._reader(), name=f"reader-{self.sid}")
-        try:
-            return await self._converse()
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            return None
 
     # ------------------------------------------------------------------ speaker
 
@@ -178,6 +187,9 @@ class SimSession:
             if not self.closed.is_set():
                 self._error("timeout", "no session.ready")
             return "error"
+        why = await self._after_ready()
+        if why is not None:
+            return why
         if config.contexts == 1:
             why = await self._context(0)
         else:
@@ -185,6 +197,11 @@ class SimSession:
         if why is not None:
             return why
         return "done" if not self.closed.is_set() else "closed"
+
+    async def _after_ready(self) -> str | None:
+        """Between session.ready and the first turn (nothing here; a phone call joins in :mod:`loadtest.call`).
+        Returns why the session must end, or None to go on."""
+        return None
 
     async def _contexts(self) -> str | None:
         """All contexts at once; the first that must end the session ends the others."""
@@ -234,7 +251,7 @@ class SimSession:
     async def _turn(self, plan: TurnPlan) -> str | None:
         """Speak one turn and listen to it. Returns why the session must end, or None to go on."""
         config, rec = self.config, self.rec
-        state = _TurnState(plan, Player(config.prebuffer_ms))
+        state = TurnState(plan, Player(config.prebuffer_ms))
         ctx = plan.context
         self.current[ctx] = state
         barge = None
@@ -268,43 +285,49 @@ class SimSession:
                 return "closed" if self.closed.is_set() else None
             if not state.cancelled and not self.closed.is_set():
                 rec.event("send", rec.now(), self.sid, state.k, "turn.end", chars)
-                await self._send(TurnEnd(), ctx)
+                if await self._send(TurnEnd(), ctx):
+                    state.ended.set()
             if not await self._wait(state.done, config.turn_timeout_s):
                 if self.closed.is_set():
                     return "closed"
                 where = "" if ctx is None else f" (context {ctx})"
                 self._error("timeout", f"turn {state.k}{where}: no turn.done within {config.turn_timeout_s:g} s")
                 return "timeout"
+            # the listener hears the rest of the turn (a barge-in still may come, where _interruptible allows it)
+            now = rec.now()
+            if now >= config.duration_s:
+                return None
+            state.player.start_if_waiting(now)
+            rest = 0.0 if state.cancelled else state.player.remaining_ms(now) / 1000.0
+            await asyncio.sleep(min(rest, config.turn_timeout_s))
         finally:
             if barge is not None:
                 barge.cancel()
                 await asyncio.gather(barge, return_exceptions=True)
-        # the listener hears the rest of the turn, then thinks
-        now = rec.now()
-        if now >= config.duration_s:
-            return None
-        state.player.start_if_waiting(now)
-        rest = 0.0 if state.cancelled else state.player.remaining_ms(now) / 1000.0
-        await asyncio.sleep(min(rest, config.turn_timeout_s) + plan.think_s)
+        await asyncio.sleep(plan.think_s)  # then thinks
         return None
 
-    async def _barge(self, state: _TurnState) -> None:
-        """Interrupt once ``barge_after_ms`` of the turn was heard: cancel, then report what was heard."""
+    async def _barge(self, state: TurnState) -> None:
+        """Interrupt once ``barge_after_ms`` of the turn was heard, if the turn can still be interrupted by then."""
         assert state.plan.barge_after_ms is not None
         if not await self._wait(state.first_audio, self.config.turn_timeout_s):
             return
         for _ in range(1000):  # bounded: each round sleeps until the target or until more audio may have come
-            if state.done.is_set() or self.closed.is_set():
-                return
             now = self.rec.now()
+            if not self._interruptible(state, now) or self.closed.is_set():
+                return
             heard = state.player.position(now)
             if heard >= state.plan.barge_after_ms:
-                break
-            if state.player.remaining_ms(now) <= 0 and state.done.is_set():
+                await self._interrupt(state)
                 return
             await asyncio.sleep(max(0.005, (state.plan.barge_after_ms - heard) / 1000.0))
-        else:
-            return
+
+    def _interruptible(self, state: TurnState, now: float) -> bool:
+        """Can the listener still barge in? Here: while the turn is being made (a cancel then has work to stop)."""
+        return not state.done.is_set()
+
+    async def _interrupt(self, state: TurnState) -> None:
+        """The listener barges in: cancel, then report what was heard."""
         state.cancelled = True
         now = self.rec.now()
         heard = state.player.stop(now)
@@ -380,6 +403,7 @@ class SimSession:
         elif mtype == "session.ready":
             output = msg.get("output") or {}
             self.frame_ms = float(output.get("frame_ms", self.config.frame_ms))
+            self.session_id = msg.get("session")
             rec.event("ready", now, sid, self.frame_ms, output.get("codec"))
             self.ready.set()
         elif mtype == "pong":

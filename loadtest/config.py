@@ -14,6 +14,8 @@ MAX_DURATION_S = 3600.0
 MAX_TURNS = 10_000  # per session
 MAX_CONTEXTS = 64  # per session (the server allows 8 by default; more shows its `limit` error)
 TIMESTAMPS = ("none", "words", "visemes")  # output.timestamps (visemes includes words)
+TELEPHONY_OUTPUT = {"codec": "mulaw", "sample_rate": 8000, "frame_ms": 20}  # what a Twilio Media Stream plays
+MAX_VAD_BENCH_S = 55.0  # the benchmark cuts its upsampled audio out of the input stream's 60 s ring
 
 
 def check_loopback(url: str) -> str:
@@ -34,6 +36,12 @@ def _finite(name: str, value: float, lo: float, hi: float) -> None:
         raise ValueError(f"{name} must be a finite number")
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be within [{lo:g}, {hi:g}], got {value:g}")
+
+
+def twilio_url(url: str) -> str:
+    """The Twilio Media Streams endpoint of the server whose protocol v1 endpoint is ``url``."""
+    parts = urlsplit(url)
+    return parts._replace(path="/v1/twilio", query="").geturl()
 
 
 def context_id(c: int) -> str:
@@ -72,6 +80,10 @@ class SwarmConfig:
     turn_timeout_s: float = 60.0  # a turn with no turn.done by then is abandoned (counted as an error)
     drain_s: float = 30.0  # after duration_s, how long running turns may take to finish
     connect_timeout_s: float = 10.0
+    # telephony: each session is a simulated phone call (loadtest/call.py): the application drives it with text, a
+    # Twilio Media Stream joins it, plays its mu-law audio and speaks over a share (barge_in) of its turns
+    telephony: bool = False
+    vad_bench_s: float = 30.0  # telephony: seconds of line audio through the server's input path, timed in-process
 
     def __post_init__(self) -> None:
         check_loopback(self.url)
@@ -105,6 +117,13 @@ class SwarmConfig:
             raise ValueError(f"timestamps must be one of {', '.join(TIMESTAMPS)}, got {self.timestamps!r}")
         if not 0 <= self.floor_probes <= 256:
             raise ValueError("floor_probes must be within [0, 256]")
+        if self.telephony:
+            if self.contexts != 1:
+                raise ValueError("telephony: a phone call is one listener, one context (contexts must be 1)")
+            if (self.codec, self.sample_rate, self.frame_ms) != tuple(TELEPHONY_OUTPUT.values()):
+                raise ValueError("telephony: the call plays mu-law 8 kHz in 20 ms frames (codec mulaw, "
+                                 "sample_rate 8000, frame_ms 20)")
+            _finite("vad_bench_s", self.vad_bench_s, 0.0, MAX_VAD_BENCH_S)
         if self.ramp_s >= self.duration_s and self.sessions > 1:
             raise ValueError("ramp_s must be shorter than duration_s")
 

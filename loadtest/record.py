@@ -25,6 +25,20 @@ Kinds and their fields:
                                                        *_wait: % of time the event loop waited for a CPU)
     lag    t ms                                        the client's event-loop lag (timer overshoot)
 
+Telephony (``--telephony``, :mod:`loadtest.call`): a turn's ``a`` events are the call's ``media`` (seq counted by
+the line, ms = seq * 20, no context), and the phone line adds
+
+    call   t sid                                       the Media Stream opened (/v1/twilio)
+    joined t sid                                       call.started reached the application
+    utt    t sid k onset_ms clock_ms                   the caller's utterance: its first frame sent, over turn k;
+                                                       its sound starts onset_ms in; clock_ms: where that frame is
+                                                       on the input clock (20 ms per frame sent since joining)
+    clear  t sid k                                     clear received: the call dropped turn k's audio
+    vad    t sid started|stopped ms                    input.speech_started / input.speech_stopped (input clock ms)
+    hungup t sid reason                                call.stopped reached the application
+    line   t sid frames relayed marks_echoed           at the end: the caller's frames sent, input.audio relayed to
+                                                       the application, marks echoed
+
 ``k`` is the session-wide turn index the client allocates as a turn's first text goes out (the server numbers
 turns the same way). ``context`` is the context's wire id, ``None`` for the default context (one context per
 session); on server messages it is what the server sent. Events recorded before contexts existed lack the

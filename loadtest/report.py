@@ -167,6 +167,7 @@ def _rows(s: dict[str, Any]) -> list[tuple[str, str]]:
                                                                  f"{_fmt(s['audio_after_cancel']['last_ms'])}"),
         ("errors", f"{s['errors']} {s['errors_by_code'] or ''}"),
         *_timing_rows(s),
+        *_telephony_rows(s),
         ("audio seconds (measured)", f"{s['audio_seconds']} ({s['audio_seconds_measured']})"),
         ("server CPU % mean / max", _mean_max(cpu["server"])),
         ("server children CPU % mean / max", _mean_max(cpu["server_children"])),
@@ -185,6 +186,28 @@ def _timing_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     t = s["timing"]
     return [(f"word timing ({t['requested']}): words messages (words, estimated); visemes messages (visemes)",
              f"{t['words_messages']} ({t['words']}, {t['estimated_messages']}); {t['visemes_messages']} ({t['visemes']})")]
+
+
+def _telephony_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    phone = s.get("telephony")
+    if phone is None:
+        return []
+    b, vad = phone["barge_ins"], phone["vad"]
+    rows = [
+        ("phone calls joined / opened (hang-ups)", f"{phone['joined']} / {phone['calls']} ({phone['hangups']})"),
+        ("caller barge-ins: cleared / spoken; missed; spurious clears",
+         f"{b['cleared']} / {b['utterances']}; {b['missed']}; {b['spurious_clears']}"),
+        ("onset → clear ms p50 / p90 / p99 / max", _fmt(phone["onset_to_clear_ms"])),
+        ("VAD onset error ms (speech_started.ms − onset)", _fmt(phone["vad_onset_error_ms"])),
+        ("caller frames sent; relayed to the application; marks echoed",
+         f"{phone['caller_frames']}; {phone['relayed_frames']}; {phone['marks_echoed']}"),
+        ("server CPU % per call", f"{phone['server_cpu_per_call']}"),
+    ]
+    if vad is not None:
+        rows.append(("input path CPU % per call (VAD alone; ms per audio second)",
+                     f"{vad['per_call_pct']} ({vad['vad_per_call_pct']}; {vad['vad_ms_per_s']}), "
+                     f"benchmark of {vad['audio_s']:g} s"))
+    return rows
 
 
 def _mean(d: dict[str, Any] | None) -> str:
@@ -228,7 +251,8 @@ def write_report(a: Analysis, out_dir: Path, extra_html: str = "") -> Path:
         note = "<p><b>No plots:</b> matplotlib is not installed (<code>pip install -e '.[loadtest]'</code>).</p>"
     cfg = s["config"]
     contexts = int(cfg.get("contexts", 1))
-    title = (f"Shoal load test: {s['sessions']} sessions{f' x {contexts} contexts' if contexts > 1 else ''}, "
+    what = "phone calls" if cfg.get("telephony") else "sessions"
+    title = (f"Shoal load test: {s['sessions']} {what}{f' x {contexts} contexts' if contexts > 1 else ''}, "
              f"{cfg['duration_s']:g} s, {cfg['codec']}")
     body = (
         _table(_rows(s))

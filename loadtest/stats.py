@@ -29,6 +29,12 @@ is each session's first turn of every context, sent together when the session st
 TTFA by rank (the order the contexts began) and, per session, each later context's TTFA over the first's.
 ``interleaved_turns``: turns whose audio arrived while another context of the session was receiving audio.
 
+Telephony (``--telephony``): a turn's audio is what its phone call played (``a`` events from the Media Stream) and
+its barge-in the call's ``clear`` (the caller's voice, not a ``cancel``). The application's messages and the call's
+audio travel on two sockets, so the rules that order audio against the turn's messages (audio_before_turn_started,
+audio_before_segment, audio_after_done, done_frames, cancelled_without_cancel) do not apply; the call's own are in
+:mod:`loadtest.callstats`, which adds the ``telephony`` section.
+
 Turns that start before ``ramp_s + warmup_s`` are warm-up and excluded; errors and sanity checks cover the
 whole run. ``sanity`` lists impossible orderings; a run with any is not to be trusted.
 """
@@ -46,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtest.callstats import CALL_EVENTS, Calls
 from loadtest.player import Player
 from loadtest.record import EVENTS_FILE, META_FILE, read_events
 
@@ -82,7 +89,8 @@ class TurnLog:
     audio_after_cancel: int = 0
     t_last_after_cancel: float | None = None
     last_seq: int = -1
-    t_cancel: float | None = None
+    t_cancel: float | None = None  # the listener dropped the turn: cancel sent (telephony: the call cleared)
+    cancel_sent: bool = False
     done: list[Any] | None = None
     player: Player | None = None
     concurrency: int = 0
@@ -226,7 +234,10 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
     n_contexts = int(config.get("contexts", 1))
     context_ids: set[str | None] = {None} if n_contexts == 1 else {f"c{c}" for c in range(n_contexts)}
     duration = float(config["duration_s"])
+    telephony = bool(config.get("telephony", False))
+    one_socket = not telephony  # the turn's audio comes on the socket of its other messages
     sanity = _Sanity()
+    calls = Calls(sanity.fail)
     timing = _Timing(str(config.get("timestamps", "none")))
     sessions: dict[int, _SessionLog] = {}
     errors: Counter[str] = Counter()
@@ -264,9 +275,9 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
             if log is None:
                 continue
             log.audio_end_ms = max(log.audio_end_ms, ms + s.frame_ms)
-            if log.t_started is None:
+            if log.t_started is None and one_socket:
                 sanity.fail("audio_before_turn_started", f"session {sid} turn {turn}")
-            if log.done is not None:
+            if log.done is not None and one_socket:
                 sanity.fail("audio_after_done", f"session {sid} turn {turn} seq {seq}")
             if log.t_cancel is None:
                 n = len(log.audio)
@@ -277,7 +288,7 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
             log.last_seq = seq
             if abs(ms - seq * s.frame_ms) > 0.5:
                 sanity.fail("audio_ms", f"session {sid} turn {turn}: seq {seq} at {ms} ms, frame {s.frame_ms} ms")
-            if not log.segments:
+            if not log.segments and one_socket:
                 sanity.fail("audio_before_segment", f"session {sid} turn {turn}")
             if log.t_cancel is not None:
                 log.audio_after_cancel += 1
@@ -295,7 +306,7 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
                 continue
             log.sends.append((t, what, chars))
             if what == "cancel":
-                log.t_cancel = t
+                log.t_cancel, log.cancel_sent = t, True
                 assert log.player is not None
                 log.player.stop(t)
         elif kind == "seg":
@@ -341,13 +352,13 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
             if log.done is not None:
                 sanity.fail("done_twice", f"session {sid} turn {turn}")
             received = len(log.audio) + log.audio_after_cancel
-            if frames != received and not (log.t_cancel is not None and frames > received):
+            if frames != received and not (log.t_cancel is not None and frames > received) and one_socket:
                 sanity.fail("done_frames", f"session {sid} turn {turn}: turn.done says {frames}, received {received}")
             if abs(audio_ms - frames * s.frame_ms) > 0.5 * max(1, frames) ** 0.5:
                 sanity.fail("done_audio_ms", f"session {sid} turn {turn}: {audio_ms} ms for {frames} frames")
             if reason == "complete" and not any(w == "turn.end" for _, w, _ in log.sends):
                 sanity.fail("complete_without_turn_end", f"session {sid} turn {turn}")
-            if reason == "cancelled" and log.t_cancel is None:  # a cancel stops its own context's turn only
+            if reason == "cancelled" and log.t_cancel is None and one_socket:  # a cancel stops its own context's turn
                 sanity.fail("cancelled_without_cancel", f"session {sid} turn {turn} (context {log.context!r})")
             assert log.player is not None
             if underruns != log.player.underruns or abs(underrun_ms - log.player.underrun_ms) > 0.01:
@@ -382,6 +393,14 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
                 log.rank = len(s.current)
             s.turns[k] = log
             s.current[ctx] = log
+        elif kind in CALL_EVENTS:
+            s = session(ev[2], t)
+            calls.on_event(ev)
+            log = s.turns.get(ev[3]) if kind == "clear" and ev[3] is not None else None
+            if log is not None and log.t_cancel is None:  # the call dropped the turn's audio: its barge-in
+                log.t_cancel = t
+                assert log.player is not None
+                log.player.stop(t)
         elif kind == "ping":
             session(ev[2], t)
             pings.append((t, float(ev[3])))
@@ -456,7 +475,8 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         if log.reason == "complete" and ready is not None and log.audio and audio_ms > 0:
             rtf.append((log.audio[-1] - ready) * 1000.0 / audio_ms)
         if log.t_cancel is not None and log.done is not None:
-            cancel_ms.append((float(log.done[1]) - log.t_cancel) * 1000.0)
+            if log.cancel_sent:  # (a call's clear and its turn.done come on two sockets: no order between them)
+                cancel_ms.append((float(log.done[1]) - log.t_cancel) * 1000.0)
             after_cancel_packets += log.audio_after_cancel
             if log.t_last_after_cancel is not None:
                 after_cancel_ms.append((log.t_last_after_cancel - log.t_cancel) * 1000.0)
@@ -493,6 +513,13 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         (client_cpu["mean"] is not None and float(client_cpu["mean"]) > 90.0)
         or (lag_d["p99"] is not None and float(lag_d["p99"]) > 20.0)
     )
+    phone = calls.summary(
+        (measure_from, window_end),
+        {sid: {k: log.done[1] for k, log in s.turns.items() if log.done is not None and log.reason == "cancelled"}
+         for sid, s in sessions.items()},
+        float(np.mean(server_cpu)) if server_cpu else None,
+        meta.get("vad_bench"),
+    ) if telephony else None  # before the sanity is written: the calls have rules of their own
     summary: dict[str, Any] = {
         "sessions": int(config["sessions"]),
         "sessions_ready": n_ready,
@@ -538,6 +565,7 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         "window_s": [round(measure_from, 3), round(window_end, 3)],
         "contexts": _contexts_summary(n_contexts, measured, sessions),
         "timing": timing.to_json(),
+        **({"telephony": phone} if phone is not None else {}),
         "sanity": sanity.to_json(),
         "config": config,
         "machine": meta.get("machine"),
@@ -642,8 +670,12 @@ def _machine_busy(other: dict[str, Any], server_wait: dict[str, Any], client_wai
 
 
 def within(summary: dict[str, Any], ttfa_p99_ms: float | None, max_underruns: int | None) -> bool:
-    """Does a run meet the thresholds? Also requires every session ready, no error, no unfinished turn, sane."""
+    """Does a run meet the thresholds? Also requires every session ready, no error, no unfinished turn, sane, and
+    (telephony) every call joined and no barge-in missed."""
     ok = summary["sanity"]["ok"] and summary["errors"] == 0 and summary["turns_unfinished"] == 0
+    phone = summary.get("telephony")
+    if phone is not None:
+        ok = ok and phone["joined"] == summary["sessions"] and phone["barge_ins"]["missed"] == 0
     ok = ok and summary["sessions_ready"] == summary["sessions"] and summary["turns"] > 0
     p99 = summary["ttfa_ms"]["p99"]
     if ttfa_p99_ms is not None:

@@ -1,6 +1,8 @@
 """Run the swarm: sessions ramped up over time, floor probes, CPU sampling and a progress display.
 
 Writes ``RAW/meta.json`` (settings, machine, server) and ``RAW/events.msgpack`` (every event, as it happens).
+With ``telephony`` each session is a phone call (:mod:`loadtest.call`); before the load, the caller's voice is made
+and the server's input path timed in-process (:func:`loadtest.caller.vad_cost`, in meta.json as ``vad_bench``).
 Nothing is summarised here: that is :mod:`loadtest.stats`. The run is bounded: no turn starts after
 ``duration_s``, and at ``duration_s + drain_s`` whatever still runs is stopped.
 """
@@ -18,6 +20,8 @@ from typing import Any, TextIO
 import numpy as np
 import psutil
 
+from loadtest.call import SimCall
+from loadtest.caller import UTTERANCE, CallerVoice, utterance_8k, vad_cost
 from loadtest.client import Live, SimSession
 from loadtest.config import SwarmConfig
 from loadtest.cpu import CpuSampler
@@ -78,10 +82,14 @@ async def _sampler(rec: Recorder, cpu: CpuSampler, live: Live, config: SwarmConf
             del live.ttfa_ms[:5_000]
 
 
-async def _swarm(config: SwarmConfig, rec: Recorder, server_pid: int | None, floor_url: str | None, out: TextIO | None) -> None:
+async def _swarm(config: SwarmConfig, rec: Recorder, server_pid: int | None, floor_url: str | None, out: TextIO | None,
+                 voice: CallerVoice | None = None) -> None:
     live = Live()
     hard_stop = config.duration_s + config.drain_s
-    sessions = [SimSession(i, config, rec, live, hard_stop) for i in range(config.sessions)]
+    sessions = [
+        SimSession(i, config, rec, live, hard_stop) if voice is None else SimCall(i, config, rec, live, hard_stop, voice)
+        for i in range(config.sessions)
+    ]
     step = config.ramp_s / config.sessions if config.sessions > 1 else 0.0
     tasks = [asyncio.create_task(s.run(i * step), name=f"session-{i}") for i, s in enumerate(sessions)]
     background = [
@@ -116,16 +124,22 @@ def run_swarm(
 ) -> Path:
     """Run the load and record it under ``raw_dir``. Returns ``raw_dir``."""
     raw_dir.mkdir(parents=True, exist_ok=True)
-    echo = EchoServer(config.compression) if config.floor_probes else None
-    rec = Recorder(raw_dir / EVENTS_FILE)
-    meta = {
+    meta: dict[str, Any] = {
         "config": config.to_json(),
         "machine": machine(),
         "server": {**(server_info or {}), "pid": server_pid},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    voice = None
+    if config.telephony:
+        voice = CallerVoice.make(config.seed)
+        meta["caller"] = {"utterance": UTTERANCE, "utterance_ms": voice.utterance_ms, "onset_ms": voice.onset_ms}
+        if config.vad_bench_s > 0:
+            meta["vad_bench"] = vad_cost(config.vad_bench_s, utterance_8k(), config.seed)
+    echo = EchoServer(config.compression) if config.floor_probes else None
+    rec = Recorder(raw_dir / EVENTS_FILE)
+    meta["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
-        asyncio.run(_swarm(config, rec, server_pid, echo.url if echo else None, progress))
+        asyncio.run(_swarm(config, rec, server_pid, echo.url if echo else None, progress, voice))
     finally:
         rec.close()
         if echo is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from loadtest.client import Live, SimSession, _TurnState, frame
+from loadtest.client import Live, SimSession, TurnState, frame
 from loadtest.config import SwarmConfig
 from loadtest.player import Player
 from loadtest.record import Recorder, read_events
@@ -77,12 +77,12 @@ def test_the_reader_routes_interleaved_messages_to_each_contexts_turn(tmp_path: 
     config = SwarmConfig(url=URL, contexts=2, prebuffer_ms=0.0)
     rec = Recorder(tmp_path / "events.msgpack")
 
-    async def scenario() -> tuple[SimSession, dict[str, _TurnState]]:
+    async def scenario() -> tuple[SimSession, dict[str, TurnState]]:
         sim = SimSession(0, config, rec, Live(), hard_stop=60.0)
         states = {}
         for k, ctx in enumerate(("c0", "c1")):
             plan = turn_plan(config, 0, 0, k)
-            states[ctx] = sim.current[ctx] = _TurnState(plan, Player(0.0), k=k)
+            states[ctx] = sim.current[ctx] = TurnState(plan, Player(0.0), k=k)
         sim._on_message(0.10, {"type": "turn.started", "turn": 0, "speaker": 0, "context": "c0"})
         sim._on_message(0.11, {"type": "turn.started", "turn": 1, "speaker": 1, "context": "c1"})
         for i in range(6):  # interleaved: c0, c1, c0, c1, ...
@@ -110,9 +110,9 @@ def test_a_turn_started_of_another_context_is_not_taken_for_this_one(tmp_path: P
     config = SwarmConfig(url=URL, contexts=2)
     rec = Recorder(tmp_path / "events.msgpack")
 
-    async def scenario() -> _TurnState:
+    async def scenario() -> TurnState:
         sim = SimSession(0, config, rec, Live(), hard_stop=60.0)
-        state = sim.current["c0"] = _TurnState(turn_plan(config, 0, 0, 0), Player(0.0), k=0)
+        state = sim.current["c0"] = TurnState(turn_plan(config, 0, 0, 0), Player(0.0), k=0)
         sim._on_message(0.1, {"type": "turn.started", "turn": 0, "speaker": 0})
         sim._on_message(0.2, {"type": "audio", "turn": 0, "seq": 0, "ms": 0.0, "data": b"x"})
         return state

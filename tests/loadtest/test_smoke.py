@@ -14,13 +14,14 @@ SUMMARY_KEYS = {"sessions", "turns", "ttfa_ms", "gap_ms", "underruns", "errors",
 
 
 def small_run(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    """`shoal loadtest` for a few seconds with barge-ins (`args`: the server and the load); it must exit 0 with a
-    sane summary and no error. Returns the process and the summary."""
+    """`shoal loadtest` for a few seconds with barge-ins (`args`: the server and the load, and any setting to change,
+    given last so that they win); it must exit 0 with a sane summary and no error. Returns the process and the
+    summary."""
     cmd = [
-        sys.executable, "-m", "realtime", "loadtest", *args, "--duration", "6", "--ramp", "1", "--warmup", "0.5",
-        "--barge-in", "0.3", "--tokens-per-s", "60", "--quiet", "--out", str(out),
+        sys.executable, "-m", "realtime", "loadtest", "--duration", "6", "--ramp", "1", "--warmup", "0.5",
+        "--barge-in", "0.3", "--tokens-per-s", "60", "--quiet", "--out", str(out), *args,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sanity"]["ok"], summary["sanity"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.client import Live, SimSession, _TurnState
+from loadtest.client import Live, SimSession, TurnState
 from loadtest.config import SwarmConfig
 from loadtest.player import Player
 from loadtest.record import Recorder, read_events
@@ -88,7 +88,7 @@ def test_the_reader_records_words_and_visemes(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         sim = SimSession(0, config, rec, Live(), hard_stop=60.0)
-        sim.current[None] = _TurnState(turn_plan(config, 0, 0), Player(0.0), k=0)
+        sim.current[None] = TurnState(turn_plan(config, 0, 0), Player(0.0), k=0)
         sim._on_message(0.1, {"type": "turn.started", "turn": 0, "speaker": 0})
         sim._on_message(0.2, {"type": "segment", "turn": 0, "text": "Hello there.", "ms": 0.0})
         sim._on_message(0.21, {"type": "words", "turn": 0, "estimated": False, "words": [
