@@ -302,11 +302,11 @@ class Connection:
                                  self.encoding, CLOSE_INTERNAL)
         self._report_lost("the connection ended before the store took them")  # e.g. cut off by a shutdown
         if self.session is not None:
-            self.gw.metrics.sessions_open.dec()
             try:
                 await self.store.release(self.session.id, self.owner)
             except StoreError as exc:
                 log.warning("session %s: could not release ownership (its lease runs out by itself): %s", self.sid, exc)
+            self.gw.metrics.sessions_open.dec()  # after the lease: a session counted closed is free to resume
         if self.ws.application_state is not WebSocketState.DISCONNECTED:
             try:
                 async with asyncio.timeout(2.0):
