@@ -1,11 +1,13 @@
 """The ``shoal`` command: ``serve`` (the gateway), ``worker`` (an engine served to gateways over the worker RPC),
-``say`` (an engine, offline, to a WAV file), ``codec`` (encode / decode with the S2 Pro codec) and ``loadtest``."""
+``say`` (an engine, offline, to a WAV file), ``codec`` (encode / decode with the S2 Pro codec), ``token`` (a
+short-lived token for a browser or device) and ``loadtest``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 from engine.base import EngineError, Sampling, Synthesizer
 from engine.registry import ENGINE_NAMES, make_engine
 from loadtest.cli import add_loadtest_parser, run_loadtest
+from realtime.auth import DEFAULT_TENANT, SCOPES, TOKEN_TTL_S, KeyRing, OriginPolicy
 from realtime.config import GatewayLimits, ServerConfig
 from realtime.offline import CliError, SayJob, codec_decode, codec_encode, say
 from realtime.turns import Limits as TurnLimits
@@ -146,6 +149,51 @@ def _check_redis_url(url: str | None) -> None:
         raise CliError(f"--redis must be a redis://, rediss:// or unix:// URL, got {url!r}")
 
 
+KEYS_ENV = "SHOAL_API_KEYS"  # TENANT:KEY[,TENANT:KEY...]: keys without putting them on a command line
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("API keys (each key is a tenant; also read from $" + KEYS_ENV + ")")
+    g.add_argument("--api-key", metavar="KEY", help=f"the key of tenant {DEFAULT_TENANT!r}")
+    g.add_argument("--api-keys", metavar="FILE", type=Path, help="TENANT:KEY per line (# comments)")
+
+
+def _key_ring(args: argparse.Namespace) -> KeyRing:
+    """The API keys from --api-key, --api-keys FILE and $SHOAL_API_KEYS, together (a tenant named twice is an
+    error)."""
+    keys: dict[str, str] = {}
+    sources: list[tuple[str, str]] = []
+    if args.api_key is not None:
+        sources.append(("--api-key", f"{DEFAULT_TENANT}:{args.api_key}"))
+    if args.api_keys is not None:
+        try:
+            sources.append((str(args.api_keys), args.api_keys.read_text()))
+        except OSError as exc:
+            raise CliError(f"--api-keys: {exc}") from None
+    if os.environ.get(KEYS_ENV):
+        sources.append((f"${KEYS_ENV}", os.environ[KEYS_ENV]))
+    try:
+        for where, text in sources:
+            for tenant, key in KeyRing.parse(text, where).keys.items():
+                if tenant in keys:
+                    raise ValueError(f"{where}: tenant {tenant!r} already has a key")
+                keys[tenant] = key
+        return KeyRing(keys)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _limit(value: str) -> tuple[str, float]:
+    name, sep, number = value.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(GatewayLimits) if f.type in ("int", "float")}
+    if not sep or name not in fields:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {', '.join(sorted(fields))}")
+    try:
+        return name, (int if fields[name].type == "int" else float)(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be a {fields[name].type}, got {number!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Shoal: real-time conversational voice server")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -157,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--redis", metavar="URL", help="use this Redis (redis://, rediss://, unix://) instead of the embedded one")
     serve.add_argument("--data-dir", type=Path, help="where the embedded Redis persists (default: per-user data dir)")
-    serve.add_argument("--api-key", metavar="KEY", help="require this key (Authorization: Bearer KEY or ?token=KEY)")
+    _add_key_options(serve)
+    serve.add_argument("--allowed-origins", metavar="LIST",
+                       help="comma-separated web origins that may open a socket: * (any), self (this server's own "
+                            "pages), or scheme://host[:port] (default: self with API keys, else *)")
+    serve.add_argument("--limit", metavar="NAME=VALUE", type=_limit, action="append", default=[],
+                       help="set a limit or quota (README: Security); repeatable, e.g. --limit voices_per_tenant=25")
     serve.add_argument("--max-contexts", type=_bounded(int, 1, 64, "--max-contexts"), default=8,
                        help="concurrent contexts a session may have in flight (default 8)")
     pool = serve.add_argument_group("worker pool")
@@ -180,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--id", dest="worker_id", metavar="ID", help="worker id in the pool (default: HOST-PID)")
     worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by `serve --workers`
     _add_engine_options(worker)
+
+    token = sub.add_parser("token", help="print a short-lived token (for a browser or device) signed with a tenant's key")
+    _add_key_options(token)
+    token.add_argument("--tenant", default=None, help="whose token (default: the only tenant)")
+    token.add_argument("--session", metavar="ID", help="the one session the token may open (default: any)")
+    token.add_argument("--scope", dest="scopes", action="append", choices=SCOPES,
+                       help="what it may do, repeatable (default: all)")
+    token.add_argument("--ttl", type=_bounded(int, 1, 24 * 3600, "--ttl"), default=TOKEN_TTL_S,
+                       help=f"lifetime in seconds (default {TOKEN_TTL_S})")
 
     say_p = sub.add_parser("say", help="synthesize TEXT to a WAV file with the same engine, offline")
     say_p.add_argument("text", metavar="TEXT")
@@ -249,10 +311,14 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--data-dir {args.data_dir} exists and is not a directory")
     if args.workers and args.worker_pool:
         raise CliError("give --workers N (local workers) or --worker-pool NAME (workers started elsewhere), not both")
+    keys = _key_ring(args)
     try:
-        limits = GatewayLimits(turn=TurnLimits(max_contexts=args.max_contexts))
+        limits = GatewayLimits(turn=TurnLimits(max_contexts=args.max_contexts), **dict(args.limit))
+        origins = None
+        if args.allowed_origins is not None:
+            origins = OriginPolicy(tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
         config = ServerConfig(host=args.host, port=args.port, redis_url=args.redis, data_dir=args.data_dir,
-                              api_key=args.api_key, engine=_engine_name(args), limits=limits)
+                              keys=keys, origins=origins, engine=_engine_name(args), limits=limits)
         if args.worker_pool:
             return serve(config, None, worker_pool=args.worker_pool)
         if args.workers:
@@ -263,6 +329,23 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return serve(config, _engine_from_args(args))
+
+
+def run_token(args: argparse.Namespace) -> int:
+    keys = _key_ring(args)
+    if not keys.enabled:
+        raise CliError(f"no API keys: give --api-key, --api-keys FILE or ${KEYS_ENV}, as to shoal serve")
+    tenant = args.tenant
+    if tenant is None:
+        if len(keys.keys) != 1:
+            raise CliError(f"several tenants ({', '.join(sorted(keys.keys))}): name one with --tenant")
+        tenant = next(iter(keys.keys))
+    try:
+        token, _ = keys.issue(tenant, ttl_s=args.ttl, session=args.session, scopes=args.scopes or SCOPES)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(token)
+    return 0
 
 
 def run_say(args: argparse.Namespace) -> int:
@@ -318,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     commands = {"serve": run_serve, "worker": run_worker, "say": run_say, "codec": run_codec, "loadtest": run_loadtest,
-                "bench": run_bench}
+                "bench": run_bench, "token": run_token}
     try:
         return commands[args.command](args)
     except CliError as exc:

@@ -31,6 +31,8 @@ from engine.pool import PoolEngine
 from realtime.app import create_app
 from realtime.config import ServerConfig
 from realtime.gateway import Gateway
+from realtime.guards import GuardedEventLoop, handshake_guarded
+from realtime.logs import rate_limit_handlers
 from realtime.workers import LocalWorkers, RegistryMembers, WorkerSupervisor
 from sessions.embedded import EmbeddedRedis, default_data_dir, find_redis_server
 from sessions.store import SessionStore
@@ -135,7 +137,10 @@ def serve(
             ws_ping_timeout=config.limits.send_timeout_s + 3.0,
             timeout_graceful_shutdown=2,
             lifespan="on",
+            # a connection must finish its request head in time (uvicorn has no header timeout of its own)
+            http=handshake_guarded(config.limits.handshake_timeout_s),
         )
+        rate_limit_handlers([None, "uvicorn", "uvicorn.access"])  # after uvicorn.Config set its handlers up
         server: _Server
 
         def announce() -> None:
@@ -150,7 +155,8 @@ def serve(
             out.flush()
 
         server = _Server(uv_config, app.state.gateway, config.shutdown_timeout_s, announce)
-        asyncio.run(server.serve())
+        with asyncio.Runner(loop_factory=GuardedEventLoop) as runner:  # backs off accepting when out of fds
+            runner.run(server.serve())
         return 0 if server.started else 1
     finally:
         if supervisor is not None:

@@ -65,6 +65,7 @@ def encode(record: Session | Turn | Voice) -> bytes:
             "audio": bytes(record.audio),
             "codes": _encode_codes(record.codes),
             "created_at": record.created_at,
+            "audio_format": record.audio_format,  # added within schema 1: absent in older records (pcm16)
         }
     else:
         raise TypeError(f"cannot encode {type(record).__name__}")
@@ -128,6 +129,7 @@ def decode(data: bytes, kind: type[R]) -> R:
                 audio=_typed(obj["audio"], bytes),
                 codes=_decode_codes(obj["codes"]),
                 created_at=float(obj["created_at"]),
+                audio_format=_typed(obj.get("audio_format", "pcm16"), str),
             )
     except (KeyError, TypeError, ValueError) as e:
         raise StoreError(f"malformed {name} record: {e!r}") from e

@@ -58,10 +58,18 @@ class Server:
             pass  # none, or already gone
 
 
-def start_server(data_dir: Path, *args: str, timeout: float = 30.0) -> Server:
-    """Start `shoal serve --port 0` and wait for the line that names the port it got."""
+def start_server(data_dir: Path, *args: str, timeout: float = 30.0, fd_limit: int | None = None) -> Server:
+    """Start `shoal serve --port 0` and wait for the line that names the port it got. ``fd_limit``: run it with
+    that RLIMIT_NOFILE."""
     cmd = [sys.executable, "-m", "realtime", "serve", "--port", "0", "--data-dir", str(data_dir), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+    def limit_fds() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            preexec_fn=limit_fds if fd_limit is not None else None)
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + timeout
