@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket
 from engine.alignment import Aligner
 from engine.base import Synthesizer, engine_stats
 from engine.pool import PoolEngine
+from realtime.adapters import routes as adapter_routes
 from realtime.config import ServerConfig
 from realtime.gateway import Gateway
 from realtime.liveness import capture_protocol
@@ -94,6 +95,7 @@ def create_app(
         WebSocketRoute("/v1/realtime", realtime),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
+        *adapter_routes(),  # OpenAI, Fish Audio and ElevenLabs front doors onto the same sessions (issue 14)
     ]
     if (WEB_DIR / "index.html").is_file():
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))

@@ -29,7 +29,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from engine.alignment import Aligner
 from engine.base import AudioChunk, EngineError, Sampling, SynthesisRequest, Synthesizer, VoiceRef
@@ -37,6 +37,7 @@ from realtime.audio import AudioEncoder, OutputFormat, pcm16_to_float, read_audi
 from realtime.config import ServerConfig
 from realtime.liveness import ReadProbe
 from realtime.mix import Mixer
+from realtime.socket import Socket  # WebSocket, or an adapter's VirtualSocket
 from realtime.metrics import Metrics
 from realtime.outbox import Close, Outbox, OutboxFull
 from realtime.turns import Finish, Job, Output, Send, Stop, Stream, Synthesize, TurnMachine, Write
@@ -120,7 +121,7 @@ class Gateway:
         """Word timing as session.ready tells it: exact (from the engine), estimated (an aligner's) or none."""
         return "exact" if self.engine.info.timing else "estimated" if self.aligner is not None else "none"
 
-    def authorized(self, ws: WebSocket) -> bool:
+    def authorized(self, ws: Socket) -> bool:
         key = self.config.api_key
         if key is None:
             return True
@@ -130,7 +131,7 @@ class Gateway:
             given = header[7:].strip()
         return given is not None and hmac.compare_digest(given.encode(), key.encode())
 
-    async def serve(self, ws: WebSocket) -> None:
+    async def serve(self, ws: Socket) -> None:
         conn = Connection(self, ws)
         self.connections.add(conn)
         self.metrics.connections_open.inc()
@@ -183,7 +184,7 @@ class _Gone(Exception):
 class Connection:
     """One socket. Holds no turn state of its own: the ``TurnMachine`` owns every turn; this class pumps it."""
 
-    def __init__(self, gateway: Gateway, ws: WebSocket) -> None:
+    def __init__(self, gateway: Gateway, ws: Socket) -> None:
         self.gw = gateway
         self.ws = ws
         self.limits = gateway.config.limits
