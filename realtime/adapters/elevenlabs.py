@@ -70,12 +70,12 @@ def parse_output_format(name: str) -> tuple[str, int, int | None]:
     return fmt, rate, int(kbps) * 1000 if kbps and fmt in ("mp3", "opus") else None
 
 
-def characters(words: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+def characters(words: list[dict[str, Any]], after_ms: float | None = None) -> list[tuple[str, float, float]]:
     """A segment's word timing as (character, start_ms, duration_ms) on the turn's clock: each word's span shared
-    evenly among its characters, the gap before the next word given to the space between them, and a
-    zero-length space after the last word (segments follow each other as the text does)."""
+    evenly among its characters, the pause before a word given to the space before it. ``after_ms``: where the
+    turn's previous segment's last word ended (then this segment starts with a space, as the text does)."""
     out: list[tuple[str, float, float]] = []
-    end: float | None = None
+    end = after_ms
     for w in words:
         start, stop, text = float(w["start_ms"]), float(w["end_ms"]), str(w["text"])
         if end is not None:
@@ -83,8 +83,6 @@ def characters(words: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
         share = (stop - start) / max(1, len(text))
         out.extend((ch, start + i * share, share) for i, ch in enumerate(text))
         end = stop
-    if end is not None:
-        out.append((" ", end, 0.0))
     return out
 
 
@@ -100,11 +98,18 @@ class _Context:
     closing: bool = False
     encoder: ContainerEncoder | None = None
     chars: deque[tuple[str, float, float]] = field(default_factory=deque)
+    last_word_ms: float | None = None  # where the turn's last word so far ends
     start_ms: float | None = None  # turn clock of the first audio not yet in a message
+    pushed_ms: float = 0.0  # turn clock of the end of the audio given to the encoder
+
+    def add_words(self, words: list[dict[str, Any]]) -> None:
+        self.chars.extend(characters(words, self.last_word_ms))
+        if words:
+            self.last_word_ms = float(words[-1]["end_ms"])
 
     def take_alignment(self, until_ms: float) -> dict[str, list[Any]] | None:
         """The characters whose sound starts before ``until_ms``, relative to this message's audio start."""
-        origin = self.start_ms or 0.0
+        origin = self.start_ms if self.start_ms is not None else self.pushed_ms
         chars: list[str] = []
         starts: list[int] = []
         durations: list[int] = []
@@ -138,11 +143,11 @@ class _Socket:
         pump: asyncio.Task[None] | None = None
         try:
             try:
-                self.fmt, self.rate, self.bitrate = parse_output_format(
-                    self.ws.query_params.get("output_format") or DEFAULT_FORMAT)
-                first = await self._receive()
+                first = await self._receive()  # errors are told after it, so a client sending it hears them
                 if first is None:
                     return
+                self.fmt, self.rate, self.bitrate = parse_output_format(
+                    self.ws.query_params.get("output_format") or DEFAULT_FORMAT)
                 await self._open(first)
             except ElevenLabsError as exc:
                 await self._fail(exc.message, exc.error, fatal=True)
@@ -302,7 +307,7 @@ class _Socket:
                     await self._audio(v1, batches.pop(v1))
                 ctx = self.by_v1.get(v1)
                 if msg["type"] == "words" and ctx is not None:
-                    ctx.chars.extend(characters(list(msg["words"])))
+                    ctx.add_words(list(msg["words"]))
                 elif msg["type"] == "turn.done" and ctx is not None:
                     await self._final(ctx)
                 elif msg["type"] == "error":
@@ -330,7 +335,7 @@ class _Socket:
         else:
             pcm = b"".join(p["data"] for p in packets)
             data = await encode(self.bridge, encoder, encoder.push, pcm)
-            until = float(packets[-1]["ms"]) + len(packets[-1]["data"]) / 2 / self.rate * 1000.0
+            until = ctx.pushed_ms = float(packets[-1]["ms"]) + len(packets[-1]["data"]) / 2 / self.rate * 1000.0
         if not data:
             return  # the codec holds it: its characters go with the bytes that carry it
         alignment = ctx.take_alignment(until)
@@ -344,8 +349,9 @@ class _Socket:
     async def _final(self, ctx: _Context) -> None:
         if ctx.encoder is not None:
             await self._audio(ctx.v1, [], ctx)
-        ctx.encoder, ctx.in_turn, ctx.unflushed, ctx.start_ms = None, False, False, None
+        ctx.encoder, ctx.in_turn, ctx.unflushed, ctx.start_ms, ctx.pushed_ms = None, False, False, None, 0.0
         ctx.chars.clear()
+        ctx.last_word_ms = None
         out: dict[str, Any] = {"isFinal": True}
         if self.multi:
             out["contextId"] = ctx.name

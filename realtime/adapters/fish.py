@@ -201,17 +201,13 @@ class _Session:
         await self.bridge.expect("voice.created")
 
 
-def _credential(headers: Mapping[str, str]) -> dict[str, str]:
-    return dict(headers)  # Fish sends Authorization: Bearer, where the gateway looks already
-
-
 # --------------------------------------------------------------------------------------------------- live
 
 
 async def live(ws: WebSocket) -> None:
     gateway: Gateway = ws.app.state.gateway
     await ws.accept()
-    bridge = Bridge(gateway, _credential(ws.headers), ws.query_params)
+    bridge = Bridge(gateway, ws.headers, ws.query_params)  # Fish's Bearer is where the gateway looks
     if not bridge.authorized():
         await _send(ws, {"event": "finish", "reason": "error", "message": "missing or wrong API key"})
         await ws.close(1008)
@@ -324,7 +320,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 async def tts(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    bridge = Bridge(gateway, _credential(request.headers), request.query_params)
+    bridge = Bridge(gateway, request.headers, request.query_params)
     if not bridge.authorized():
         return _error(401, "missing or wrong API key")
     raw = await request.body()
