@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,19 @@ class Target:
         self.http = self.ws.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
         self.headers = {"authorization": f"Bearer {key}"} if key else {}
         self.key = key
+
+
+async def ttfa_of(ws: Any, t0: float, decode: Callable[[Any], dict[str, Any]], is_audio: Callable[[dict], bool],
+                  is_end: Callable[[dict], bool]) -> float:
+    """Read one turn's answers to its end; seconds from ``t0`` to the first audio."""
+    ttfa = None
+    while True:
+        msg = decode(await ws.recv())
+        if ttfa is None and is_audio(msg):
+            ttfa = time.perf_counter() - t0
+        elif is_end(msg):
+            assert ttfa is not None and msg.get("reason", "stop") in ("stop", "complete"), msg
+            return ttfa
 
 
 class V1:
@@ -62,14 +74,8 @@ class V1:
         await self.ws.send(msgpack.packb({"type": "text", "text": TEXT}))
         t0 = time.perf_counter()
         await self.ws.send(msgpack.packb({"type": "turn.end"}))
-        ttfa = None
-        while True:
-            msg = msgpack.unpackb(await self.ws.recv())
-            if msg["type"] == "audio" and ttfa is None:
-                ttfa = time.perf_counter() - t0
-            elif msg["type"] == "turn.done":
-                assert ttfa is not None, msg
-                return ttfa
+        return await ttfa_of(self.ws, t0, msgpack.unpackb, lambda m: m["type"] == "audio",
+                             lambda m: m["type"] == "turn.done")
 
     async def close(self) -> None:
         await self.ws.close()
@@ -90,14 +96,8 @@ class FishLive(V1):
         await self.ws.send(msgpack.packb({"event": "text", "text": TEXT}))
         t0 = time.perf_counter()
         await self.ws.send(msgpack.packb({"event": "stop"}))
-        ttfa = None
-        while True:
-            event = msgpack.unpackb(await self.ws.recv())
-            if event["event"] == "audio" and ttfa is None:
-                ttfa = time.perf_counter() - t0
-            elif event["event"] == "finish":
-                assert event["reason"] == "stop" and ttfa is not None, event
-                return ttfa
+        return await ttfa_of(self.ws, t0, msgpack.unpackb, lambda e: e["event"] == "audio",
+                             lambda e: e["event"] == "finish")
 
 
 class ElevenMulti(V1):
@@ -119,14 +119,7 @@ class ElevenMulti(V1):
         t0 = time.perf_counter()
         await self.ws.send(json.dumps({"context_id": context, "flush": True}))
         await self.ws.send(json.dumps({"context_id": context, "close_context": True}))
-        ttfa = None
-        while True:
-            answer = json.loads(await self.ws.recv())
-            if answer.get("audio") and ttfa is None:
-                ttfa = time.perf_counter() - t0
-            elif answer.get("isFinal"):
-                assert ttfa is not None, answer
-                return ttfa
+        return await ttfa_of(self.ws, t0, json.loads, lambda a: bool(a.get("audio")), lambda a: bool(a.get("isFinal")))
 
 
 class ElevenStream(V1):
@@ -147,14 +140,7 @@ class ElevenStream(V1):
             t0 = time.perf_counter()
             await ws.send(json.dumps({"text": TEXT + " "}))
             await ws.send(json.dumps({"text": ""}))
-            ttfa = None
-            async for frame in ws:
-                answer = json.loads(frame)
-                if answer.get("audio") and ttfa is None:
-                    ttfa = time.perf_counter() - t0
-                    assert base64.b64decode(answer["audio"])
-            assert ttfa is not None
-            return ttfa
+            return await ttfa_of(ws, t0, json.loads, lambda a: bool(a.get("audio")), lambda a: bool(a.get("isFinal")))
 
     async def close(self) -> None:
         pass

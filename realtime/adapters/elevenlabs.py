@@ -26,7 +26,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import logging
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,7 +38,6 @@ from realtime.adapters.common import encode, speed_tag
 from realtime.adapters.containers import MP3_RATES, OPUS_RATES, ContainerEncoder
 from realtime.gateway import Gateway
 
-log = logging.getLogger("shoal.adapters.elevenlabs")
 
 __all__ = ["characters", "multi_stream_input", "parse_output_format", "stream_input"]
 

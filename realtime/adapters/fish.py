@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from realtime.adapters.containers import MEDIA_TYPES, MP3_RATES, OPUS_RATES, Con
 from realtime.audio import float_to_pcm16
 from realtime.gateway import Gateway
 
-log = logging.getLogger("shoal.adapters.fish")
 
 __all__ = ["FishRequest", "live", "parse_request", "tts"]
 
