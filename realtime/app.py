@@ -21,6 +21,7 @@ from engine.alignment import Aligner
 from engine.base import Synthesizer, engine_stats
 from engine.pool import PoolEngine
 from realtime.auth import SCOPES, AuthError, Principal, credential
+from realtime.adapters import routes as adapter_routes
 from realtime.config import ServerConfig
 from realtime.gateway import Gateway
 from realtime.liveness import capture_protocol
@@ -151,6 +152,7 @@ def create_app(
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
         Route("/v1/tokens", tokens, methods=["POST"]),
+        *adapter_routes(),  # OpenAI, Fish Audio and ElevenLabs front doors onto the same sessions
     ]
     if (WEB_DIR / "index.html").is_file():
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))

@@ -29,7 +29,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from engine.alignment import Aligner
 from engine.base import AudioChunk, EngineError, Sampling, SynthesisRequest, Synthesizer, VoiceRef
@@ -40,6 +40,7 @@ from realtime.caller import CallLink, InputFormat, InputStream
 from realtime.config import ServerConfig
 from realtime.liveness import ReadProbe
 from realtime.mix import Mixer
+from realtime.socket import Socket  # WebSocket, or an adapter's VirtualSocket
 from realtime.metrics import Metrics
 from realtime.outbox import Close, Outbox, OutboxFull
 from realtime.quotas import Hold, QuotaExceeded, Quotas
@@ -132,7 +133,7 @@ class Gateway:
         """Word timing as session.ready tells it: exact (from the engine), estimated (an aligner's) or none."""
         return "exact" if self.engine.info.timing else "estimated" if self.aligner is not None else "none"
 
-    def principal(self, ws: WebSocket) -> Principal:
+    def principal(self, ws: Socket) -> Principal:
         """Who the socket acts for. Raises ``AuthError``."""
         return self.config.keys.authenticate(credential(ws.headers, ws.query_params))
 
@@ -143,7 +144,7 @@ class Gateway:
         return next((c for c in self.connections if c.session is not None and c.session.id == session
                      and c.principal.tenant == principal.tenant), None)
 
-    async def serve(self, ws: WebSocket) -> None:
+    async def serve(self, ws: Socket) -> None:
         if not self.config.origin_policy.allows(ws.headers.get("origin"), ws.headers.get("host")):
             await ws.close(CLOSE_POLICY)  # before accept: the handshake is answered 403
             return
@@ -199,7 +200,7 @@ class _Gone(Exception):
 class Connection:
     """One socket. Holds no turn state of its own: the ``TurnMachine`` owns every turn; this class pumps it."""
 
-    def __init__(self, gateway: Gateway, ws: WebSocket) -> None:
+    def __init__(self, gateway: Gateway, ws: Socket) -> None:
         self.gw = gateway
         self.ws = ws
         self.limits = gateway.config.limits
