@@ -70,8 +70,8 @@ def reference_wav(tmp: bytes | None = None) -> bytes:
 
 
 async def voices_created(server: Server) -> float:
-    async with httpx.AsyncClient(base_url=server.http) as http:
-        text = (await http.get("/metrics")).text
+    async with httpx.AsyncClient(base_url=server.http, headers={"authorization": f"Bearer {API_KEY}"}) as http:
+        text = (await http.get("/metrics")).text  # /metrics is for operators: a key once keys are set
     m = re.search(r"^shoal_voices_created_total (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 

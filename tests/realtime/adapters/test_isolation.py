@@ -57,7 +57,7 @@ async def test_misbehaving_adapter_clients_leave_other_sessions_alone(stub: Serv
     assert done["reason"] == "complete" and not [m for m in msgs if m["type"] == "error"]
     assert done["frames"] == len([m for m in msgs if m["type"] == "audio"])
     await client.close()
-    async with httpx.AsyncClient(base_url=stub.http) as http:
+    async with httpx.AsyncClient(base_url=stub.http, headers={"authorization": f"Bearer {API_KEY}"}) as http:
         for _ in range(50):  # every adapter connection winds down and releases its session
             metrics = (await http.get("/metrics")).text
             if "shoal_connections_open 0.0" in metrics:
