@@ -13,11 +13,10 @@ import pytest
 from realtime.audio import decode_opus
 from sessions.embedded import EmbeddedRedis
 from sessions.store import SessionStore
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.engine.dualar import FIXTURES, MODEL_DIR
 from tests.realtime.conftest import Client, Server, start_server
 from tests.realtime.test_e2e import speak
 
-pytestmark = requires_fixtures
 FRAME_MS = 1000 * 2048 / 44100
 SAMPLING = {"temperature": 0.7, "seed": 7, "max_frames": 10}
 

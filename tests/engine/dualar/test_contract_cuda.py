@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.dualar.synthesizer import DualARConfig, DualARSynthesizer
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.engine.dualar import FIXTURES, MODEL_DIR
 from tests.engine.test_contract import (
     test_cancelling_the_consumer_task_releases_the_engine,
     test_closing_mid_stream_releases_the_engine,
@@ -28,7 +28,7 @@ __all__ = [
     "test_nothing_to_say_yields_no_chunks",
 ]
 
-pytestmark = [requires_fixtures, pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 

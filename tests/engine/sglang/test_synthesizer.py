@@ -28,7 +28,7 @@ from engine.dualar.codec import load_codec
 from engine.sglang import SGLangConfig, SGLangSynthesizer, missing_requirements
 from engine.sglang.convert import build_request
 from engine.sglang.keys import shared_prefix_len
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.engine.dualar import FIXTURES, MODEL_DIR
 from tests.engine.sglang.fakes import shadow_launcher
 
 # The shared contract (tests/engine/test_contract.py), run here with this module's `engine` fixture.
@@ -53,19 +53,15 @@ __all__ = [
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 _missing = missing_requirements()
 ENGINES = [
-    pytest.param("fake", marks=requires_fixtures),
+    "fake",
     pytest.param("sglang", marks=[pytest.mark.gpu, pytest.mark.skipif(bool(_missing), reason="; ".join(_missing))]),
 ]
-HAVE_FIXTURES = (MODEL_DIR / "config.json").is_file()
 
 
 def config(**overrides: object) -> SGLangConfig:
     fields: dict = dict(ignore_end=True, frames_per_char=3.0, frame_budget_base=16, max_running_requests=16,
                         cuda_graph_max_bs=16, max_seq_len=4096, mem_fraction_static=0.4, first_chunk_frames=2)
-    if HAVE_FIXTURES:
-        fields.update(model=str(MODEL_DIR), codec=str(FIXTURES / "codec" / "codec.pth"))
-    else:
-        fields.update(preset="tiny")
+    fields.update(model=str(MODEL_DIR), codec=str(FIXTURES / "codec" / "codec.pth"))
     fields.update(overrides)
     return SGLangConfig(**fields)
 
