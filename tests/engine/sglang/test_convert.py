@@ -10,6 +10,7 @@ import torch
 
 from engine.base import PastTurn, Sampling, SynthesisRequest, VoiceRef
 from engine.dualar.config import load_config
+from engine.dualar.frontend import frame_budget
 from engine.dualar.prompt import PromptBuilder
 from engine.sglang.convert import (
     FLAG_FAILED,
@@ -19,7 +20,6 @@ from engine.sglang.convert import (
     RequestPlan,
     TokenIds,
     build_request,
-    frame_budget,
 )
 from engine.sglang.keys import is_frame_key, radix_keys
 from tests.engine.dualar import MODEL_DIR
