@@ -1,6 +1,8 @@
-"""Engines by name: ``make_engine("espeak", workers=2)``.
+"""Engines by name, the one place engines are built: ``make_engine("espeak", workers=2)``.
 
-Options are the fields of the engine's config dataclass; an unknown name or option is a ValueError.
+Options are the fields of the engine's config dataclass; an unknown name or option is a ValueError. ``s2pro`` takes
+``backend``: ``torch`` (default: ``DualARConfig``'s fields) or ``sglang`` (``SGLangConfig``'s). The CLI, the
+worker processes and the tests all build engines here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from engine.base import Synthesizer
 from engine.espeak import EspeakConfig, EspeakSynthesizer
 from engine.stub import StubConfig, StubSynthesizer
 
-__all__ = ["ENGINE_NAMES", "make_engine"]
+__all__ = ["ENGINE_NAMES", "S2PRO_BACKENDS", "make_engine"]
+
+S2PRO_BACKENDS = ("torch", "sglang")
 
 
 def _espeak(**options: object) -> Synthesizer:
@@ -22,8 +26,14 @@ def _stub(**options: object) -> Synthesizer:
     return StubSynthesizer(StubConfig(**options))  # type: ignore[arg-type]
 
 
-def _s2pro(**options: object) -> Synthesizer:
-    from engine.dualar.synthesizer import DualARConfig, DualARSynthesizer  # torch only when asked for
+def _s2pro(backend: str = "torch", **options: object) -> Synthesizer:
+    if backend == "sglang":  # torch (and, at start, sglang) only when asked for
+        from engine.sglang import SGLangConfig, SGLangSynthesizer
+
+        return SGLangSynthesizer(SGLangConfig(**options))  # type: ignore[arg-type]
+    if backend != "torch":
+        raise ValueError(f"unknown s2pro backend {backend!r} (known: {', '.join(S2PRO_BACKENDS)})")
+    from engine.dualar.synthesizer import DualARConfig, DualARSynthesizer
 
     return DualARSynthesizer(DualARConfig(**options))  # type: ignore[arg-type]
 
