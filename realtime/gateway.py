@@ -39,6 +39,7 @@ from realtime.liveness import ReadProbe
 from realtime.mix import Mixer
 from realtime.metrics import Metrics
 from realtime.outbox import Close, Outbox, OutboxFull
+from realtime.voices import with_codes
 from realtime.turns import Finish, Job, Output, Send, Stop, Stream, Synthesize, TurnMachine, Write
 from realtime.protocol import (
     Audio,
@@ -660,7 +661,7 @@ class Connection:
                 raise ProtocolError(
                     "bad_message", f"speaker {spec.speaker}: voice {spec.voice!r} is not registered (send voice.create)"
                 )
-            self.voices[spec.voice] = voice
+            self.voices[spec.voice] = await with_codes(voice, self.gw.engine, self.gw.store)
 
     async def _update(self, msg: SessionUpdate) -> None:
         assert self.session is not None and self.machine is not None

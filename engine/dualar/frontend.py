@@ -126,6 +126,7 @@ class S2ProSynthesizer:
         self._codec: Any = None
         self._context_len = 0
         self._error: str | None = "not started"
+        self._voices_encoded = 0
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="s2pro-load")
         self._decoders = concurrent.futures.ThreadPoolExecutor(config.decode_threads, thread_name_prefix="s2pro-decode")
 
@@ -168,8 +169,8 @@ class S2ProSynthesizer:
         return self._error or self.source.health()
 
     def stats(self) -> dict[str, float]:
-        """The source's counters for /metrics (``shoal_engine_*``)."""
-        return self.source.stats()
+        """The source's counters and the voices encoded, for /metrics (``shoal_engine_*``)."""
+        return {**self.source.stats(), "voices_encoded_total": float(self._voices_encoded)}
 
     # ---- synthesis
 
@@ -262,4 +263,6 @@ class S2ProSynthesizer:
         def encode() -> np.ndarray:
             return np.asarray(codec.encode(pcm, sample_rate), dtype=np.int16)
 
-        return await asyncio.get_running_loop().run_in_executor(self._decoders, encode)
+        codes = await asyncio.get_running_loop().run_in_executor(self._decoders, encode)
+        self._voices_encoded += 1
+        return codes
