@@ -68,6 +68,7 @@ __all__ = [
     "StaticMembers",
     "WorkerClient",
     "WorkerLost",
+    "WorkerTotals",
     "WorkerUnavailable",
     "rendezvous_rank",
 ]
@@ -93,6 +94,7 @@ class PoolMember:
     load: int = 0  # requests in flight
     health: str | None = None  # None when ready
     stats: Mapping[str, float] = field(default_factory=dict)
+    started_at: float = 0.0  # when this process started (a restarted worker is a new instance)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -371,6 +373,43 @@ def _error(worker: str, msg: Failed) -> EngineError:
     return EngineError(text)
 
 
+class WorkerTotals:
+    """The workers' ``*_total`` counters summed so that the sum never goes backwards.
+
+    A worker's counters start again from 0 when its process restarts, and vanish from the registry when it dies, so
+    a plain sum over the live workers drops. Here each worker instance (id, address, start time) keeps the last
+    values it reported after it is gone, and an instance whose counters went down (restarted in place, the same
+    address and no start time: a static list) has its old values banked first. Bounded: past ``keep`` instances,
+    the oldest is folded into the bank."""
+
+    def __init__(self, keep: int = 1024) -> None:
+        self.keep = keep
+        self._last: dict[tuple[str, str, int, float], dict[str, float]] = {}
+        self._banked: dict[str, float] = {}
+
+    def update(self, members: Iterable[PoolMember]) -> None:
+        for m in members:
+            key = (m.id, m.host, m.port, m.started_at)
+            now = {k: float(v) for k, v in m.stats.items() if k.endswith("_total")}
+            last = self._last.pop(key, None)
+            if last is not None and any(now.get(k, 0.0) < v for k, v in last.items()):
+                self._bank(last)  # restarted: its earlier counts still happened
+            self._last[key] = now  # most recently seen last
+        while len(self._last) > self.keep:
+            self._bank(self._last.pop(next(iter(self._last))))
+
+    def totals(self) -> dict[str, float]:
+        out = dict(self._banked)
+        for values in self._last.values():
+            for k, v in values.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def _bank(self, values: Mapping[str, float]) -> None:
+        for k, v in values.items():
+            self._banked[k] = self._banked.get(k, 0.0) + v
+
+
 @dataclass
 class _Counters:
     requests: int = 0
@@ -388,6 +427,7 @@ class PoolEngine:
         self.info = EngineInfo(name="pool", sample_rate=44100, cloning=False)  # replaced by the workers' own
         self.members: list[PoolMember] = []  # the live workers, as last read
         self.counters = _Counters()
+        self.totals = WorkerTotals()
         self._clients: dict[tuple[str, str, int], WorkerClient] = {}
         self._connecting: dict[tuple[str, str, int], asyncio.Lock] = {}
         self._down: dict[tuple[str, str, int], float] = {}  # member -> monotonic time it may be tried again
@@ -453,11 +493,14 @@ class PoolEngine:
         return None
 
     def stats(self) -> dict[str, float]:
-        """Pool counters plus every live worker's stats summed by name (from their last heartbeat)."""
+        """Pool counters plus the workers' stats by name (from their last heartbeats): gauges summed over the live
+        workers, counters (``*_total``) over every worker instance seen, so they never go backwards."""
         total: dict[str, float] = {}
         for member in self.members:
             for name, value in member.stats.items():
-                total[name] = total.get(name, 0.0) + value
+                if not name.endswith("_total"):
+                    total[name] = total.get(name, 0.0) + value
+        total.update(self.totals.totals())
         c = self.counters
         total.update(
             pool_workers=len(self._usable()),
@@ -610,6 +653,7 @@ class PoolEngine:
         self._source_error = None
         self._refreshed_at = time.monotonic()
         self.members = members
+        self.totals.update(members)
         live = {_key(m) for m in members}
         for key, client in list(self._clients.items()):
             # a worker that left the registry is draining or dead: no new work; close its connection once idle

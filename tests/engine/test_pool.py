@@ -256,3 +256,24 @@ async def test_aclose_does_not_depend_on_the_source_honouring_cancellation(worke
         async with asyncio.timeout(2):
             await pool.aclose()
         assert pool._refresher is not None and pool._refresher.done()
+
+
+async def test_worker_counters_never_go_backwards_when_a_worker_restarts_or_leaves() -> None:
+    source = StaticMembers([PoolMember("a", "127.0.0.1", 1, stats={"worker_requests_total": 5, "load_now": 2}),
+                            PoolMember("b", "127.0.0.1", 2, stats={"worker_requests_total": 3})])
+    pool = PoolEngine(source)
+    seen = []
+
+    async def refresh(*members: PoolMember) -> None:
+        source.list = list(members)
+        await pool._refresh()
+        seen.append(pool.stats()["worker_requests_total"])
+
+    a, b = source.list
+    await refresh(a, b)
+    await refresh(PoolMember("a", "127.0.0.1", 1, stats={"worker_requests_total": 1}), b)  # a restarted in place
+    await refresh(b)  # a died: gone from the registry
+    await refresh(b, PoolMember("a", "127.0.0.1", 7, stats={"worker_requests_total": 2}, started_at=9.0))  # back
+    await refresh(b, PoolMember("a", "127.0.0.1", 7, stats={"worker_requests_total": 4}, started_at=9.0))
+    assert seen == [8, 9, 9, 11, 13]  # 5 + 3, then + 1 after the restart, + 2 and + 2 more after the next
+    assert "load_now" not in pool.stats()  # gauges are the live workers' only: the a that reported it is gone
