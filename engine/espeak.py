@@ -1,6 +1,6 @@
 """The built-in CPU voice: espeak-ng in a pool of worker processes, streamed chunk by chunk.
 
-espeak-ng is not thread-safe, so each worker (:mod:`engine.espeak_worker`) is a subprocess that synthesizes one
+espeak-ng is not thread-safe, so each worker (:mod:`engine.espeak_process`) is a subprocess that synthesizes one
 request at a time; requests wait for a free worker. Audio flows under credit-based flow control: a worker has
 at most ``window`` chunks in flight, and the parent acknowledges each chunk as the consumer pulls it, so a
 consumer that stops pulling stops espeak-ng. Closing the iterator cancels the utterance mid-word and hands the
@@ -28,7 +28,7 @@ import numpy as np
 
 from engine.base import AudioChunk, EngineError, EngineInfo, SynthesisRequest
 from engine.espeak_voice import Segment, plan_segments, timing_from_events
-from engine.espeak_worker import MAX_FRAME, encode_frame
+from engine.espeak_process import MAX_FRAME, encode_frame
 
 __all__ = ["SAMPLE_RATE", "EspeakConfig", "EspeakStats", "EspeakSynthesizer"]
 
@@ -89,7 +89,7 @@ class _End(enum.Enum):
 @dataclass(frozen=True)
 class _Item:
     pcm: bytes = b""
-    events: tuple[Any, ...] = ()  # espeak-ng's word and phoneme events (engine.espeak_worker)
+    events: tuple[Any, ...] = ()  # espeak-ng's word and phoneme events (engine.espeak_process)
     end: _End | None = None
     error: str | None = None
 
@@ -119,7 +119,7 @@ class _Worker:
         config = engine.config
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "engine.espeak_worker",
+                sys.executable, "-m", "engine.espeak_process",
                 "--buffer-ms", str(config.buffer_ms), "--window", str(config.window), "--language", config.language,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=_PACKAGE_ROOT,
             )

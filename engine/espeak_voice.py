@@ -184,7 +184,7 @@ def _word_runs(text: str) -> list[tuple[int, int, int | None]]:
 
 def timing_from_events(segments: Sequence[Segment], events: Sequence[Sequence[object]], spoken: int,
                        complete: bool = True, ended: bool = True) -> Timing:
-    """The request's word and phoneme timing from espeak-ng's events (``engine.espeak_worker``'s ``ev`` lists).
+    """The request's word and phoneme timing from espeak-ng's events (``engine.espeak_process``'s ``ev`` lists).
 
     A word starts with its first phoneme (espeak-ng reports the word a little before its first sound) and ends at
     the next pause or the next word's first phoneme. A word espeak-ng did not report on its own (it reads "3.5" as

@@ -1,8 +1,9 @@
 """Engines by name, the one place engines are built: ``make_engine("espeak", workers=2)``.
 
 Options are the fields of the engine's config dataclass; an unknown name or option is a ValueError. ``s2pro`` takes
-``backend``: ``torch`` (default: ``DualARConfig``'s fields) or ``sglang`` (``SGLangConfig``'s). The CLI, the
-worker processes and the tests all build engines here.
+``backend``: ``torch`` (default: ``DualARConfig``'s fields) or ``sglang`` (``SGLangConfig``'s). ``pool`` takes
+``source`` (where the live workers come from: ``engine.pool.MemberSource``) and ``PoolConfig``'s fields. The CLI,
+the server, the worker processes and the tests all build engines here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def _stub(**options: object) -> Synthesizer:
     return StubSynthesizer(StubConfig(**options))  # type: ignore[arg-type]
 
 
+def _pool(source: object, **options: object) -> Synthesizer:
+    from engine.pool import PoolConfig, PoolEngine
+
+    return PoolEngine(source, PoolConfig(**options))  # type: ignore[arg-type]
+
+
 def _s2pro(backend: str = "torch", **options: object) -> Synthesizer:
     if backend == "sglang":  # torch (and, at start, sglang) only when asked for
         from engine.sglang import SGLangConfig, SGLangSynthesizer
@@ -38,15 +45,15 @@ def _s2pro(backend: str = "torch", **options: object) -> Synthesizer:
     return DualARSynthesizer(DualARConfig(**options))  # type: ignore[arg-type]
 
 
-_FACTORIES: dict[str, Callable[..., Synthesizer]] = {"espeak": _espeak, "stub": _stub, "s2pro": _s2pro}
-ENGINE_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+_FACTORIES: dict[str, Callable[..., Synthesizer]] = {"espeak": _espeak, "stub": _stub, "s2pro": _s2pro, "pool": _pool}
+ENGINE_NAMES: tuple[str, ...] = ("espeak", "stub", "s2pro")  # what `--engine` offers; "pool" is `--workers N`
 
 
 def make_engine(name: str, **options: object) -> Synthesizer:
     """A new, not yet started engine. Raises ValueError for an unknown engine, option or option value."""
     factory = _FACTORIES.get(name)
     if factory is None:
-        raise ValueError(f"unknown engine {name!r} (known: {', '.join(ENGINE_NAMES)})")
+        raise ValueError(f"unknown engine {name!r} (known: {', '.join(_FACTORIES)})")
     try:
         return factory(**options)
     except TypeError as exc:  # an option the config dataclass does not have

@@ -1,7 +1,7 @@
 """The engine worker RPC, version 1: any ``Synthesizer`` served over TCP to the gateway's ``PoolEngine``.
 
 It knows nothing of the client protocol (``realtime/``) or the store (``sessions/``): it carries
-``SynthesisRequest``s in and ``AudioChunk``s out. The server is ``engine.worker.WorkerServer``, the client
+``SynthesisRequest``s in and ``AudioChunk``s out. The server is ``engine.rpc_server.WorkerServer``, the client
 ``engine.pool.WorkerClient``.
 
 Framing. A connection is a stream of frames, each a 4-byte big-endian unsigned length ``N`` followed by ``N``

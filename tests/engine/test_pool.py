@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from engine.base import AudioChunk, EngineError, SynthesisRequest
-from engine.pool import PoolConfig, PoolEngine, PoolMember, StaticMembers, WorkerClient, rendezvous_rank
+from engine.pool import PoolConfig, PoolEngine, PoolMember, StaticMembers, rendezvous_rank
+from engine.rpc_client import WorkerClient
 from engine.stub import StubConfig, StubSynthesizer
-from engine.worker import WorkerConfig, WorkerServer
+from engine.rpc_server import WorkerConfig, WorkerServer
 from tests.engine.stub_workers import Worker, running
 
 LONG = " ".join(f"This is sentence number {i} of a long and winding reply." for i in range(40))

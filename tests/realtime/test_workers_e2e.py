@@ -23,10 +23,11 @@ import httpx
 import numpy as np
 import pytest
 
-from engine.pool import WorkerClient, WorkerLost, rendezvous_rank
+from engine.pool import rendezvous_rank
+from engine.rpc_client import WorkerClient, WorkerLost
 from sessions.embedded import EmbeddedRedis
 from sessions.store import SessionStore
-from sessions.workers import WorkerRecord, WorkerRegistry
+from sessions.registry import WorkerRecord, WorkerRegistry
 from tests.engine.dualar import FIXTURES, MODEL_DIR
 from tests.realtime.conftest import Client, Server, start_server
 from tests.realtime.test_e2e import speak

@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 import torch
 
-from engine.base import PastTurn, Sampling, SynthesisRequest, Synthesizer
+from engine.base import PastTurn, Sampling, SynthesisRequest
 from engine.dualar.codec import load_codec
 from engine.sglang import SGLangConfig, SGLangSynthesizer, missing_requirements
 from engine.sglang.convert import build_request

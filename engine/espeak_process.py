@@ -1,7 +1,7 @@
 """espeak-ng synthesis worker: one process, one utterance at a time, driven over stdin/stdout.
 
 espeak-ng keeps global state and is not thread-safe, so each worker process owns one instance and the parent
-(:mod:`engine.espeak`) runs a pool of them. Run as ``python -m engine.espeak_worker``.
+(:mod:`engine.espeak`) runs a pool of them. Run as ``python -m engine.espeak_process``.
 
 Wire: frames of a 4-byte big-endian length and a msgpack map, in both directions.
 
@@ -300,7 +300,7 @@ def _synthesize(espeak: Espeak, flow: Flow, out: _Output, request_id: int, segme
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.espeak_worker", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.espeak_process", description=__doc__.split("\n")[0])
     parser.add_argument("--buffer-ms", type=int, default=20, help="espeak-ng buffer length (it rounds up to 60)")
     parser.add_argument("--window", type=int, default=6, help="most un-acknowledged audio chunks in flight")
     parser.add_argument("--language", default="en-us", help="voice to load before reporting ready")

@@ -9,7 +9,7 @@ One task per connection reads frames; each ``submit`` runs in a task of its own 
 only while it holds a credit from the client, so a paused consumer pauses its own request and no other. Frames of
 all requests share the connection through one writer lock; a client that stops reading its socket for
 ``send_timeout_s`` is dropped. A closed connection cancels its requests (the engine stops at its next step).
-Registration in a registry (Redis) is not done here: see ``realtime.workers``.
+Registration in a registry (Redis) is not done here: see ``realtime.worker_process``.
 """
 
 from __future__ import annotations

@@ -39,9 +39,9 @@ from typing import TextIO
 
 from engine.base import Synthesizer
 from engine.pool import PoolMember
-from engine.worker import WorkerConfig, WorkerServer
+from engine.rpc_server import WorkerConfig, WorkerServer
 from sessions.store import StoreError
-from sessions.workers import WorkerRecord, WorkerRegistry, check_name
+from sessions.registry import WorkerRecord, WorkerRegistry, check_name
 
 __all__ = [
     "LocalWorkers",
