@@ -1,47 +1,46 @@
-"""espeak-ng synthesis worker: one process, one utterance at a time, driven over stdin/stdout.
+"""The built-in voice's process: espeak-ng in this process, served to the parent over the worker RPC.
 
-espeak-ng keeps global state and is not thread-safe, so each worker process owns one instance and the parent
-(:mod:`engine.espeak`) runs a pool of them. Run as ``python -m engine.espeak_process``.
+espeak-ng keeps global state and is not thread-safe, so each process owns one instance and says one utterance at a
+time; the parent (:mod:`engine.espeak`) runs a pool of them. Run as ``python -m engine.espeak_process``: it loads
+espeak-ng and its voice, then serves :class:`EspeakVoice` (a ``Synthesizer``) on its stdin/stdout with the same RPC,
+framing and credit window as any engine worker (``engine.rpc``, ``engine.rpc_process``), or, if espeak-ng cannot be
+loaded, answers ``error`` in place of ``hello`` with the reason.
 
-Wire: frames of a 4-byte big-endian length and a msgpack map, in both directions.
+Everything about a request happens here: its plan (``engine.espeak_voice.plan_segments``), the audio, the
+``max_frames`` budget, and its word and phoneme timing from espeak-ng's events (``timing_from_events``): one chunk
+is held back, so the last one can carry the complete timing, and earlier chunks carry what is known so far.
 
-    parent -> worker   {"t": "synth", "id", "segments": [{"text", "voice", "rate", "pitch", "range", "volume"}]}
-                       {"t": "ack", "id", "n"}        the parent took n audio chunks of request id
-                       {"t": "cancel", "id"}          stop request id now
-    worker -> parent   {"t": "ready", "sample_rate", "pid"}   once, after espeak-ng is initialized
-                       {"t": "fatal", "message"}              instead of ready, then exit
-                       {"t": "audio", "id", "pcm", "ev"}      int16 little-endian mono at sample_rate
-                       {"t": "done", "id", "cancelled", "error", "ev"}  always ends a request (error: str | None)
-
-``ev`` lists espeak-ng's events since the last message, each ``[kind, segment, position, sample, phoneme]``: kind
-"w" (a word starts: ``position`` is its 1-based character position in the segment's text), "p" (a phoneme starts:
-``phoneme`` in IPA, "" for a pause) or "e" (the segment ends); ``sample`` counts from the start of the request.
-
-Flow control: at most ``window`` audio chunks may be un-acknowledged. espeak-ng delivers audio through a
-synchronous callback as it is made; when the window is full the callback blocks until an ack or a cancel, so a
-consumer that stops pulling stops synthesis, and a cancel makes the callback return 1, which aborts espeak-ng
-mid-utterance. A closed stdin (the parent went away) aborts and exits.
+Flow control: espeak-ng delivers audio through a synchronous callback as it is made; the callback hands each chunk
+to the request's stream through a small bounded queue and blocks while it is full, and the stream is pulled only
+while the parent holds credit, so a consumer that stops pulling stops synthesis; a cancel (the stream closed) makes
+the callback return 1, which aborts espeak-ng mid-utterance. A closed stdin (the parent went away) ends everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
+import contextlib
 import ctypes
 import os
-import queue
 import signal
-import struct
 import sys
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
-import msgpack
+import numpy as np
 
-__all__ = ["MAX_FRAME", "Espeak", "EspeakUnavailable", "Flow", "encode_frame", "main", "read_frame"]
+from engine.base import AudioChunk, EngineError, EngineInfo, SynthesisRequest
+from engine.espeak_voice import SAMPLE_RATE, Segment, plan_segments, timing_from_events
 
-MAX_FRAME = 16 * 1024 * 1024
-_HEADER = struct.Struct(">I")
+_Item = tuple[bytes, list[Any]] | EngineError | None  # a chunk and the events since the last; a failure; the end
+
+__all__ = ["Espeak", "EspeakUnavailable", "EspeakVoice", "main"]
+
+_FRAMES_PER_SECOND = 21.5  # Sampling.max_frames counts codec frames of 1000 / 21.5 ms
+_QUEUE_CHUNKS = 2  # chunks made by espeak-ng and not yet pulled by the stream
 
 # espeak-ng's speak_lib.h
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -72,32 +71,6 @@ class _Event(ctypes.Structure):
 
 Event = tuple[str, int, int, str]  # kind, character position, sample within the utterance, phoneme
 _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
-
-
-def encode_frame(message: Mapping[str, Any]) -> bytes:
-    payload: bytes = msgpack.packb(message, use_bin_type=True)
-    if len(payload) > MAX_FRAME:
-        raise ValueError(f"frame of {len(payload)} bytes is over {MAX_FRAME}")
-    return _HEADER.pack(len(payload)) + payload
-
-
-def read_frame(stream: BinaryIO) -> dict[str, Any] | None:
-    """The next frame from a blocking stream; None at a clean end of stream."""
-    header = stream.read(_HEADER.size)
-    if not header:
-        return None
-    if len(header) < _HEADER.size:
-        raise EOFError("stream ended inside a frame header")
-    (size,) = _HEADER.unpack(header)
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes is over {MAX_FRAME}")
-    payload = stream.read(size)
-    if len(payload) < size:
-        raise EOFError("stream ended inside a frame")
-    message = msgpack.unpackb(payload, raw=False)
-    if not isinstance(message, dict):
-        raise ValueError("frame is not a map")
-    return message
 
 
 class EspeakUnavailable(Exception):
@@ -175,142 +148,143 @@ class Espeak:
             raise RuntimeError(f"espeak_Synth failed with status {status}")
 
 
-class Flow:
-    """Credit window and cancellation for the request in progress; shared by the reader and synthesis threads."""
+class _Stop(Exception):
+    """The stream was closed: espeak-ng is to abort the utterance."""
 
-    def __init__(self, window: int) -> None:
-        self._cond = threading.Condition()
-        self._window = window
-        self._current = -1
-        self._sent = 0
-        self._acked = 0
-        self._cancelled = False
-        self._cancel_next = -1  # a cancel that arrived before its request started
+
+class EspeakVoice:
+    """espeak-ng in this process behind the Synthesizer interface, one utterance at a time (its state is global)."""
+
+    info = EngineInfo(name="espeak", sample_rate=SAMPLE_RATE, cloning=False, timing=True)
+
+    def __init__(self, espeak: Espeak, language: str) -> None:
+        self.espeak, self.language = espeak, language
+        self._lock = asyncio.Lock()  # one utterance at a time; a cancelled one finishes aborting first
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="espeak")
         self._closed = False
 
-    def begin(self, request_id: int) -> bool:
-        """Start a request; False if it was cancelled before it began (or the parent is gone)."""
-        with self._cond:
-            self._current, self._sent, self._acked = request_id, 0, 0
-            self._cancelled = self._cancel_next == request_id
-            return not (self._cancelled or self._closed)
+    async def start(self) -> None:
+        pass
 
-    def ack(self, request_id: int, count: int) -> None:
-        with self._cond:
-            if request_id == self._current:
-                self._acked += count
-                self._cond.notify_all()
+    async def aclose(self) -> None:
+        self._closed = True
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
-    def cancel(self, request_id: int) -> None:
-        with self._cond:
-            if request_id == self._current:
-                self._cancelled = True
-                self._cond.notify_all()
-            elif request_id > self._current:
-                self._cancel_next = request_id
+    def health(self) -> str | None:
+        return "closed" if self._closed else None
 
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+    async def encode_voice(self, pcm: np.ndarray, sample_rate: int, text: str) -> np.ndarray | None:
+        return None
 
-    @property
-    def stopped(self) -> bool:
-        with self._cond:
-            return self._cancelled or self._closed
+    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[AudioChunk]:
+        if self._closed:
+            raise EngineError("espeak engine is closed")
+        segments = plan_segments(request, self.language)
+        if not segments:
+            return
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            items: asyncio.Queue[_Item] = asyncio.Queue(_QUEUE_CHUNKS)
+            stop = threading.Event()
 
-    @property
-    def cancelled(self) -> bool:
-        with self._cond:
-            return self._cancelled
+            def put(item: _Item) -> None:  # on the espeak thread: waits for room
+                future = asyncio.run_coroutine_threadsafe(items.put(item), loop)
+                while True:
+                    try:
+                        future.result(0.05)
+                        return
+                    except concurrent.futures.TimeoutError:
+                        if stop.is_set():
+                            future.cancel()
+                            raise _Stop from None
 
-    def take_credit(self) -> bool:
-        """Wait for room to send one more chunk and claim it; False if the request is to stop instead."""
-        with self._cond:
-            while not (self._cancelled or self._closed) and self._sent - self._acked >= self._window:
-                self._cond.wait()
-            if self._cancelled or self._closed:
-                return False
-            self._sent += 1
-            return True
+            spoken = loop.run_in_executor(self._thread, self._speak, segments, put, stop)
+            try:
+                async for chunk in self._chunks(segments, items, request.sampling.max_frames):
+                    yield chunk
+            finally:
+                stop.set()  # the thread stops at its next chunk (or now, if it waits for room)
+                await asyncio.wait([spoken])
 
+    async def _chunks(self, segments: Sequence[Segment], items: asyncio.Queue[_Item],
+                      max_frames: int) -> AsyncIterator[AudioChunk]:
+        """The utterance's chunks; one is held back, so the last one can carry the timing, complete only at the end."""
+        budget = int(max_frames * SAMPLE_RATE / _FRAMES_PER_SECOND)  # samples
+        held: np.ndarray | None = None
+        events: list[Any] = []
+        made = 0  # samples
+        while (item := await items.get()) is not None:
+            if isinstance(item, EngineError):
+                raise item
+            pcm_bytes, found = item
+            events.extend(found)
+            if not pcm_bytes:  # the end of the utterance: its last events
+                continue
+            pcm = np.frombuffer(pcm_bytes, dtype="<i2")[:budget].astype(np.float32) / np.float32(32768.0)
+            budget -= pcm.size
+            made += pcm.size
+            if pcm.size:
+                if held is not None:
+                    # what is known so far: a barge-in before the end still cuts the turn at a word
+                    news = any(e[0] == "w" for e in found)
+                    so_far = timing_from_events(segments, events, made, complete=False) if news else None
+                    yield AudioChunk(pcm=held, timing=so_far)
+                held = pcm
+            if budget <= 0:  # max_frames reached: closing the stream cancels the rest
+                if held is not None:
+                    yield AudioChunk(pcm=held, timing=timing_from_events(segments, events, made, ended=False))
+                return
+        if held is not None:
+            yield AudioChunk(pcm=held, timing=timing_from_events(segments, events, made))
 
-class _Output:
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-
-    def send(self, message: Mapping[str, Any]) -> None:
-        self._stream.write(encode_frame(message))
-        self._stream.flush()
-
-
-def _read_requests(source: BinaryIO, flow: Flow, inbox: queue.Queue[tuple[int, list[dict[str, Any]]] | None]) -> None:
-    try:
-        while (message := read_frame(source)) is not None:
-            kind = message.get("t")
-            if kind == "synth":
-                inbox.put((int(message["id"]), list(message["segments"])))
-            elif kind == "ack":
-                flow.ack(int(message["id"]), int(message.get("n", 1)))
-            elif kind == "cancel":
-                flow.cancel(int(message["id"]))
-            else:
-                raise ValueError(f"unknown message type {kind!r}")
-    except (EOFError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
-        print(f"espeak worker: bad input from parent: {exc!r}", file=sys.stderr)
-    finally:
-        flow.close()
-        inbox.put(None)
-
-
-def _synthesize(espeak: Espeak, flow: Flow, out: _Output, request_id: int, segments: list[dict[str, Any]]) -> None:
-    error: str | None = None
-    events: list[list[Any]] = []  # since the last message
-    made = 0  # samples sent for this request
-    segment_index, segment_start = 0, 0
-    if flow.begin(request_id):
+    def _speak(self, segments: Sequence[Segment], put: Callable[[_Item], None], stop: threading.Event) -> None:
+        """On the espeak thread: say every segment; each chunk goes to ``put`` with espeak-ng's events since the
+        last one (``[kind, segment, position, sample, phoneme]``, samples counted from the request's start), then
+        the last events and None (or an EngineError if espeak-ng failed)."""
+        events: list[list[Any]] = []
+        made = 0  # samples of this request
+        segment_index, segment_start = 0, 0
 
         def sink(pcm: bytes, found: list[Event]) -> bool:
             nonlocal made
             events.extend([kind, segment_index, position, segment_start + sample, name]
                           for kind, position, sample, name in found)
-            if not pcm:
-                return not flow.stopped
-            if not flow.take_credit():
+            if stop.is_set():
                 return False
-            out.send({"t": "audio", "id": request_id, "pcm": pcm, "ev": events[:]})
-            events.clear()
-            made += len(pcm) // 2
+            if pcm:
+                put((pcm, events[:]))
+                events.clear()
+                made += len(pcm) // 2
             return True
 
-        espeak.sink = sink
-        espeak.reseed()
-        for index, segment in enumerate(segments):
-            if flow.stopped:
-                break
-            segment_index, segment_start = index, made  # espeak-ng counts samples from each utterance's start
-            try:
-                espeak.speak(str(segment["text"]), str(segment["voice"]), int(segment["rate"]),
-                             int(segment["pitch"]), int(segment["range"]), int(segment["volume"]),
-                             end_pause=index == len(segments) - 1)
-            except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-                error = str(exc) or type(exc).__name__
-                break
-    out.send({"t": "done", "id": request_id, "cancelled": flow.cancelled, "error": error, "ev": events})
+        self.espeak.sink = sink
+        self.espeak.reseed()
+        try:
+            for index, segment in enumerate(segments):
+                if stop.is_set():
+                    return
+                segment_index, segment_start = index, made  # espeak-ng counts samples from each utterance's start
+                p = segment.prosody
+                self.espeak.speak(segment.text, p.voice, p.rate, p.pitch, p.range, p.volume,
+                                  end_pause=index == len(segments) - 1)
+            put((b"", events[:]))
+            put(None)
+        except _Stop:
+            return
+        except RuntimeError as exc:
+            with contextlib.suppress(_Stop):
+                put(EngineError(f"espeak-ng failed: {exc}"))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.rpc_process import refuse_stdio, serve_stdio
+
     parser = argparse.ArgumentParser(prog="python -m engine.espeak_process", description=__doc__.split("\n")[0])
     parser.add_argument("--buffer-ms", type=int, default=20, help="espeak-ng buffer length (it rounds up to 60)")
-    parser.add_argument("--window", type=int, default=6, help="most un-acknowledged audio chunks in flight")
     parser.add_argument("--language", default="en-us", help="voice to load before reporting ready")
     parser.add_argument("--library", help="path of libespeak-ng (default: the espeakng-loader wheel's)")
     parser.add_argument("--data", help="path of espeak-ng-data (default: the espeakng-loader wheel's)")
     args = parser.parse_args(argv)
-
-    # The protocol owns the real stdout; anything else that writes to fd 1 (espeak-ng included) goes to stderr.
-    out = _Output(os.fdopen(os.dup(sys.stdout.fileno()), "wb"))
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop (it closes our stdin)
 
     try:
@@ -321,25 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             library = library or espeakng_loader.get_library_path()
             data = data or espeakng_loader.get_data_path()
         espeak = Espeak(str(library), str(data), args.buffer_ms)
-    except (ImportError, EspeakUnavailable) as exc:
-        out.send({"t": "fatal", "message": str(exc) or type(exc).__name__})
-        return 2
-
-    try:  # warm up: the first utterance loads the voice and dictionary; do it before anyone waits for audio
+        if espeak.sample_rate != SAMPLE_RATE:
+            raise EspeakUnavailable(f"espeak-ng runs at {espeak.sample_rate} Hz, not {SAMPLE_RATE}")
+        # warm up: the first utterance loads the voice and dictionary; do it before anyone waits for audio
         espeak.speak("ready", args.language, 175, 50, 50, 100, end_pause=False)
-    except RuntimeError as exc:
-        out.send({"t": "fatal", "message": str(exc)})
+    except (ImportError, EspeakUnavailable, RuntimeError) as exc:
+        refuse_stdio(f"espeak-ng cannot start: {exc or type(exc).__name__}")
         return 2
-
-    flow = Flow(args.window)
-    inbox: queue.Queue[tuple[int, list[dict[str, Any]]] | None] = queue.Queue()
-    threading.Thread(target=_read_requests, args=(sys.stdin.buffer, flow, inbox), daemon=True).start()
-    out.send({"t": "ready", "sample_rate": espeak.sample_rate, "pid": os.getpid()})
-    try:
-        while (request := inbox.get()) is not None:
-            _synthesize(espeak, flow, out, *request)
-    except BrokenPipeError:
-        return 0  # the parent is gone
+    serve_stdio(EspeakVoice(espeak, args.language), worker_id=f"espeak-{os.getpid()}")
     return 0
 
 

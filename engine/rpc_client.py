@@ -45,7 +45,7 @@ from engine.rpc import (
     read_message,
 )
 
-__all__ = ["ClientConfig", "WorkerClient", "WorkerLost", "WorkerUnavailable"]
+__all__ = ["ClientConfig", "WorkerClient", "WorkerLost", "WorkerStalled", "WorkerUnavailable"]
 
 log = logging.getLogger("shoal.rpc")
 
@@ -76,6 +76,10 @@ class WorkerLost(EngineError):
     """The connection to a worker failed or broke."""
 
 
+class WorkerStalled(EngineError):
+    """A request got nothing from its worker for ``stall_timeout_s`` (the worker may be hung)."""
+
+
 class WorkerUnavailable(EngineError):
     """The worker refused the request (shutting down, engine not ready, full): another worker may take it."""
 
@@ -96,6 +100,7 @@ class WorkerClient:
         self.config = config
         self.closed = False
         self.error: str | None = None
+        self.received = 0  # audio chunks received on this connection
         self._ids = itertools.count(1)
         self._streams: dict[int, asyncio.Queue[object]] = {}
         self._calls: dict[int, asyncio.Future[Message]] = {}
@@ -107,21 +112,33 @@ class WorkerClient:
     async def connect(cls, host: str, port: int, config: ClientConfig | None = None) -> WorkerClient:
         """Raises ``WorkerLost`` if the worker cannot be reached or does not speak RPC v1."""
         config = config or ClientConfig()
-        writer = None
         try:
             async with asyncio.timeout(config.connect_timeout_s):
                 reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
+        except (OSError, TimeoutError) as exc:
+            raise WorkerLost(f"cannot reach engine worker at {host}:{port}: {type(exc).__name__}: {exc}") from None
+        return await cls.open(reader, writer, config, where=f"{host}:{port}")
+
+    @classmethod
+    async def open(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: ClientConfig,
+                   *, where: str, timeout_s: float | None = None) -> WorkerClient:
+        """A client over an open stream pair: waits (``timeout_s``, default ``connect_timeout_s``) for the worker's
+        ``hello``. Raises ``WorkerLost`` (with the worker's own message if it said why it cannot serve)."""
+        try:
+            async with asyncio.timeout(config.connect_timeout_s if timeout_s is None else timeout_s):
                 hello = await read_message(reader, MAX_FRAME)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, RpcError) as exc:
-            if writer is not None:
-                writer.close()
-            raise WorkerLost(f"cannot reach engine worker at {host}:{port}: {type(exc).__name__}: {exc}") from None
+            writer.close()
+            raise WorkerLost(f"cannot reach engine worker at {where}: {type(exc).__name__}: {exc}") from None
         if hello is None:
             writer.close()
-            raise WorkerLost(f"engine worker at {host}:{port} closed the connection (shutting down?)")
+            raise WorkerLost(f"engine worker at {where} closed the connection (shutting down?)")
+        if isinstance(hello, Failed):
+            writer.close()
+            raise WorkerLost(f"engine worker at {where} cannot serve: {hello.message}")
         if not isinstance(hello, Hello) or hello.version != RPC_VERSION:
             writer.close()
-            raise WorkerLost(f"{host}:{port} is not an engine worker speaking RPC v{RPC_VERSION}")
+            raise WorkerLost(f"{where} is not an engine worker speaking RPC v{RPC_VERSION}")
         return cls(reader, writer, hello, config)
 
     @property
@@ -145,8 +162,8 @@ class WorkerClient:
                     async with asyncio.timeout(self.config.stall_timeout_s):
                         item = await queue.get()
                 except TimeoutError:
-                    raise EngineError(
-                        f"engine worker {self.worker} sent nothing for {self.config.stall_timeout_s:.0f} s"
+                    raise WorkerStalled(
+                        f"engine worker {self.worker} sent nothing for {self.config.stall_timeout_s:g} s"
                     ) from None
                 if item is _END:
                     finished = True
@@ -238,6 +255,7 @@ class WorkerClient:
                 if queue.qsize() >= self.config.window:
                     raise RpcError("protocol", f"request {msg.id}: frames beyond the credit window")
                 queue.put_nowait(msg.chunk)
+                self.received += 1
         elif isinstance(msg, Done):
             queue = self._streams.get(msg.id)
             if queue is not None:

@@ -163,6 +163,10 @@ class WorkerServer:
                     await self._server.wait_closed()
             self._server = None
 
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection until it ends: a TCP one (``start``), or a pipe pair (``engine.rpc_process``)."""
+        await self._accept(reader, writer)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.draining:
             writer.close()

@@ -197,7 +197,7 @@ def test_every_message_survives_encode_decode() -> None:
         ({"type": "submit", "id": 3, "text": "hi",
           "history": [{"speaker": 0, "text": "x", "codes": {"shape": [9, 2], "dtype": "<i2", "data": b"\0" * 36}}]},
          "bad_request", 3),
-        ({"type": "credit", "id": 1, "n": 1000}, "bad_request", 1),
+        ({"type": "credit", "id": 1, "n": 100_000}, "bad_request", 1),
         ({"type": "launch", "id": 2}, "protocol", 2),
         ({"id": 2}, "protocol", None),
         ([1, 2, 3], "protocol", None),
