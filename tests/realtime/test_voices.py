@@ -3,8 +3,6 @@ audio the first time it meets it, once, and the codes are stored back."""
 
 from __future__ import annotations
 
-import io
-import wave
 from pathlib import Path
 
 import httpx
@@ -13,21 +11,10 @@ import numpy as np
 from sessions.embedded import EmbeddedRedis
 from sessions.store import SessionStore
 from tests.engine.dualar import CODEC, MODEL_DIR
-from tests.realtime.conftest import Client, start_server
+from tests.realtime.conftest import Client, start_server, tone_wav
 from tests.realtime.test_e2e import speak
 
 RATE, SECONDS = 16000, 2.0
-
-
-def reference_wav() -> bytes:
-    t = np.arange(int(RATE * SECONDS)) / RATE
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes((0.3 * np.sin(2 * np.pi * 180 * t) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 async def stored_voice(data_dir: Path, voice: str):  # noqa: ANN201
@@ -48,7 +35,7 @@ async def test_a_voice_made_under_the_built_in_voice_is_encoded_once_by_s2pro_an
     try:
         client = await Client.connect(builtin.url)
         await client.start()
-        await client.send(type="voice.create", voice="ref", audio=reference_wav(), text="A steady tone.")
+        await client.send(type="voice.create", voice="ref", audio=tone_wav(RATE, SECONDS), text="A steady tone.")
         created, _ = await client.until("voice.created", timeout=30)
         assert created["frames"] == 0
         await client.close()
