@@ -44,6 +44,7 @@ from realtime.socket import Socket  # WebSocket, or an adapter's VirtualSocket
 from realtime.metrics import Metrics
 from realtime.outbox import Close, Outbox, OutboxFull
 from realtime.quotas import Hold, QuotaExceeded, Quotas
+from realtime.voices import with_codes
 from realtime.turns import Finish, Job, Output, Send, Stop, Stream, Synthesize, TurnMachine, Write
 from realtime.vad import VAD_RATE
 from realtime.protocol import (
@@ -741,6 +742,7 @@ class Connection:
                 raise ProtocolError(
                     "bad_message", f"speaker {spec.speaker}: voice {spec.voice!r} is not registered (send voice.create)"
                 )
+            voice = await with_codes(voice, self.gw.engine, self.store)  # encoded once if it has no codes yet
             self.voices[spec.voice] = VoiceRef(voice=voice.voice, text=voice.text, codes=voice.codes)
 
     async def _update(self, msg: SessionUpdate) -> None:

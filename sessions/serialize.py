@@ -13,14 +13,10 @@ from typing import Any, TypeVar
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
 
+from sessions.errors import StoreError
 from sessions.model import SCHEMA_VERSION, TURN_STATES, Session, Speaker, Turn, Voice
 
-
-class StoreError(Exception):
-    """The session store failed: Redis unreachable or timed out, a rejected write, or a record that does not decode.
-
-    Defined here, next to the decoder that also raises it; `sessions.store.StoreError` is the same class.
-    """
+__all__ = ["decode", "encode"]
 
 
 R = TypeVar("R", Session, Turn, Voice)

@@ -39,13 +39,12 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from sessions.connection import RedisConnection
+from sessions.errors import StoreError
 from sessions.model import Session, Turn, Voice
-from sessions.serialize import StoreError, decode, encode
+from sessions.serialize import decode, encode
 
 __all__ = ["SessionKeys", "SessionStore", "StoreError", "VoiceQuotaExceeded", "WriteRejected"]
 
@@ -193,11 +192,14 @@ class SessionKeys(NamedTuple):
 
 
 class SessionStore:
-    """A narrow async interface to sessions in Redis over one connection pool (`connect` ... `aclose`)."""
+    """A narrow async interface to sessions in Redis over one connection pool (`connect` ... `aclose`).
+
+    `redis`: a URL, or the process's shared `RedisConnection` (see `sessions.connection`); the store owns it either
+    way: `connect` makes its pool, `aclose` releases it."""
 
     def __init__(
         self,
-        url: str,
+        redis: str | RedisConnection,
         *,
         session_ttl_s: int = 86400,
         voice_ttl_s: int | None = 30 * 86400,
@@ -208,13 +210,13 @@ class SessionStore:
             raise ValueError("session_ttl_s must be positive")
         if voice_ttl_s is not None and voice_ttl_s <= 0:
             raise ValueError("voice_ttl_s must be positive or None (no expiry)")
-        if socket_timeout_s <= 0:
-            raise ValueError("socket_timeout_s must be positive")
-        self.url = url
+        if not isinstance(redis, RedisConnection):
+            redis = RedisConnection(redis, socket_timeout_s=socket_timeout_s)
+        self.redis = redis
+        self.url = self.redis.url
         self.session_ttl_s = session_ttl_s
         self.voice_ttl_s = voice_ttl_s
         self.key_prefix = key_prefix
-        self.socket_timeout_s = socket_timeout_s
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._namespace: str | None = None  # set on a tenant's view (`scoped`)
@@ -225,14 +227,7 @@ class SessionStore:
         """Make the connection pool and check that Redis answers (raises `StoreError` if it does not)."""
         if self._redis is not None:
             return
-        client = aioredis.Redis.from_url(
-            self.url,
-            socket_timeout=self.socket_timeout_s,
-            socket_connect_timeout=self.socket_timeout_s,
-            # One quick retry on a connection error only: it replaces a pooled connection that a Redis restart
-            # closed. Timeouts are not retried, so an outage surfaces after one socket timeout.
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1, supported_errors=(RedisConnectionError,)),
-        )
+        client = await self.redis.connect()
         self._scripts = {
             name: client.register_script(src)
             for name, src in [
@@ -254,10 +249,8 @@ class SessionStore:
             raise
 
     async def aclose(self) -> None:
-        client, self._redis = self._redis, None
-        if client is not None:
-            with _errors("close"):
-                await client.aclose()
+        self._redis = None
+        await self.redis.aclose()
 
     async def __aenter__(self) -> SessionStore:
         await self.connect()

@@ -13,7 +13,7 @@ from loadtest.soak import Sample, flatness
 
 def test_a_short_soak_samples_the_server_and_finds_it_flat_and_settled(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "realtime", "loadtest", "soak", "--serve", "stub", "--sessions", "4",
+    cmd = [sys.executable, "-m", "shoal", "loadtest", "soak", "--serve", "stub", "--sessions", "4",
            "--duration", "20", "--ramp", "1", "--warmup", "2", "--sample-s", "0.5", "--floor-probes", "0",
            "--quiet", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import websockets
 
@@ -143,3 +145,17 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+def tone_wav(rate: int, seconds: float, hz: float = 180.0) -> bytes:
+    """A steady tone as a mono PCM16 WAV file: a reference voice for ``voice.create``."""
+    import wave
+
+    t = np.arange(int(rate * seconds)) / rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()

@@ -9,7 +9,7 @@ One task per connection reads frames; each ``submit`` runs in a task of its own 
 only while it holds a credit from the client, so a paused consumer pauses its own request and no other. Frames of
 all requests share the connection through one writer lock; a client that stops reading its socket for
 ``send_timeout_s`` is dropped. A closed connection cancels its requests (the engine stops at its next step).
-Registration in a registry (Redis) is not done here: see ``realtime.workers``.
+Registration in a registry (Redis) is not done here: see ``realtime.worker_process``.
 """
 
 from __future__ import annotations
@@ -162,6 +162,10 @@ class WorkerServer:
                 async with asyncio.timeout(1.0):
                     await self._server.wait_closed()
             self._server = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection until it ends: a TCP one (``start``), or a pipe pair (``engine.rpc_process``)."""
+        await self._accept(reader, writer)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.draining:

@@ -39,9 +39,9 @@ from typing import TextIO
 
 from engine.base import Synthesizer
 from engine.pool import PoolMember
-from engine.worker import WorkerConfig, WorkerServer
+from engine.rpc_server import WorkerConfig, WorkerServer
 from sessions.store import StoreError
-from sessions.workers import WorkerRecord, WorkerRegistry, check_name
+from sessions.registry import WorkerRecord, WorkerRegistry, check_name
 
 __all__ = [
     "LocalWorkers",
@@ -67,7 +67,8 @@ class RegistryMembers:
 
     async def members(self) -> Sequence[PoolMember]:
         await self.registry.connect()  # idempotent; retried here after an outage at startup
-        return [PoolMember(r.id, r.host, r.port, r.load, r.health, r.stats) for r in await self.registry.live()]
+        return [PoolMember(r.id, r.host, r.port, r.load, r.health, r.stats, r.started_at)
+                for r in await self.registry.live()]
 
     async def aclose(self) -> None:
         await self.registry.aclose()

@@ -27,7 +27,8 @@ import msgpack  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from sessions.serialize import StoreError
+from sessions.connection import RedisConnection
+from sessions.errors import StoreError
 
 __all__ = ["WorkerRecord", "WorkerRegistry", "check_name"]
 
@@ -113,11 +114,13 @@ def decode_record(data: bytes) -> WorkerRecord:
 
 
 class WorkerRegistry:
-    """The live workers of one pool, over one connection pool (``connect`` ... ``aclose``)."""
+    """The live workers of one pool (``connect`` ... ``aclose``). ``redis``: a URL (a connection pool of its own, made
+    by ``connect`` and released by ``aclose``) or a shared ``RedisConnection`` (the gateway's, its store's: used,
+    never closed here)."""
 
     def __init__(
         self,
-        url: str,
+        redis: str | RedisConnection,
         *,
         pool: str = "default",
         key_prefix: str = "shoal",
@@ -127,37 +130,37 @@ class WorkerRegistry:
         check_name(pool, "pool name")
         if ttl_ms < 100:
             raise ValueError("ttl_ms must be at least 100")
-        if socket_timeout_s <= 0:
-            raise ValueError("socket_timeout_s must be positive")
-        self.url = url
+        self._owns = not isinstance(redis, RedisConnection)
+        if not isinstance(redis, RedisConnection):
+            redis = RedisConnection(redis, socket_timeout_s=socket_timeout_s)
+        self.redis = redis
         self.pool = pool
         self.key_prefix = key_prefix
         self.ttl_ms = ttl_ms
-        self.socket_timeout_s = socket_timeout_s
-        self._redis: aioredis.Redis | None = None
+        self._checked = False  # Redis answered once on this connection
 
     # -- lifecycle
 
     async def connect(self) -> None:
-        """Make the connection pool and check that Redis answers (``StoreError`` if not). Idempotent."""
-        if self._redis is not None:
+        """Make the connection pool (unless it is shared and made) and check that Redis answers (``StoreError`` if
+        not). Idempotent."""
+        if self._checked and self.redis.connected:
             return
-        client = aioredis.Redis.from_url(
-            self.url, socket_timeout=self.socket_timeout_s, socket_connect_timeout=self.socket_timeout_s
-        )
+        client = await self.redis.connect()
         try:
             await client.ping()
         except (RedisError, OSError) as exc:
-            await client.aclose()
+            if self._owns:
+                await self.aclose()
             raise StoreError(f"redis PING failed: {type(exc).__name__}: {exc}") from exc
-        self._redis = client
+        self._checked = True
 
     async def aclose(self) -> None:
-        client, self._redis = self._redis, None
-        if client is not None:
+        self._checked = False
+        if self._owns:
             try:
-                await client.aclose()
-            except (RedisError, OSError):
+                await self.redis.aclose()
+            except StoreError:
                 pass  # closing a broken pool: nothing left to release
 
     async def __aenter__(self) -> WorkerRegistry:
@@ -221,6 +224,6 @@ class WorkerRegistry:
 
     @property
     def _client(self) -> aioredis.Redis:
-        if self._redis is None:
+        if not self.redis.connected:
             raise RuntimeError("WorkerRegistry is not connected; await connect() first")
-        return self._redis
+        return self.redis.client

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from sessions.embedded import EmbeddedRedis
 from sessions.store import StoreError
-from sessions.workers import WorkerRecord, WorkerRegistry, decode_record, encode_record
+from sessions.registry import WorkerRecord, WorkerRegistry, decode_record, encode_record
 
 
 @pytest.fixture
@@ -174,3 +174,19 @@ def test_worker_registers_in_the_embedded_redis_of_a_data_dir(tmp_path: Path) ->
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+async def test_the_gateways_store_and_registry_share_one_connection_pool(redis_server: str) -> None:
+    from sessions.store import SessionStore
+
+    store = SessionStore(redis_server, key_prefix=f"test-{uuid.uuid4().hex[:12]}")
+    shared = WorkerRegistry(store.redis, pool="gw", key_prefix=store.key_prefix)
+    await store.connect()
+    await shared.connect()
+    assert shared.redis is store.redis and shared._client is store._client  # one client, one pool
+    await shared.heartbeat(record("w0"))
+    await shared.aclose()  # a guest: the pool stays open for the store
+    await store.ping()
+    assert [r.id for r in await WorkerRegistry(store.redis, pool="gw", key_prefix=store.key_prefix).live()] == ["w0"]
+    await store.aclose()  # the owner closes it
+    assert not store.redis.connected
