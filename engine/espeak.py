@@ -1,43 +1,36 @@
 """The built-in CPU voice: espeak-ng in a pool of worker processes, streamed chunk by chunk.
 
-espeak-ng is not thread-safe, so each worker (:mod:`engine.espeak_worker`) is a subprocess that synthesizes one
-request at a time; requests wait for a free worker. Audio flows under credit-based flow control: a worker has
-at most ``window`` chunks in flight, and the parent acknowledges each chunk as the consumer pulls it, so a
-consumer that stops pulling stops espeak-ng. Closing the iterator cancels the utterance mid-word and hands the
-worker to the next request within milliseconds. A worker that dies or stops answering fails its request with
-EngineError and is replaced; the pool stays usable.
+espeak-ng is not thread-safe, so each worker (:mod:`engine.espeak_process`) is a process that says one utterance at
+a time; requests wait for a free worker. Each worker is an engine served over the worker RPC on its stdin/stdout
+(``engine.rpc_process``): the same framing and credit window as the worker pool's, so a worker has at most
+``window`` chunks in flight and makes more only as the consumer pulls them (a consumer that stops pulling stops
+espeak-ng). The worker plans the request, speaks it and reports its word timing; this side routes requests to
+free workers and replaces a worker that dies or stops answering (its request fails with EngineError; the pool stays
+usable). Closing the iterator cancels the utterance mid-word; the worker takes the next request within milliseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import os
 import re
-import struct
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import msgpack
 import numpy as np
 
 from engine.base import AudioChunk, EngineError, EngineInfo, SynthesisRequest
-from engine.espeak_voice import Segment, plan_segments, timing_from_events
-from engine.espeak_worker import MAX_FRAME, encode_frame
+from engine.espeak_voice import SAMPLE_RATE, plan_segments
+from engine.rpc import MAX_WINDOW
+from engine.rpc_client import ClientConfig, WorkerLost, WorkerStalled
+from engine.rpc_process import RpcProcess
 
 __all__ = ["SAMPLE_RATE", "EspeakConfig", "EspeakStats", "EspeakSynthesizer"]
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 22050  # espeak-ng's native rate
-_FRAMES_PER_SECOND = 21.5  # Sampling.max_frames counts codec frames of 1000 / 21.5 ms
-_HEADER = struct.Struct(">I")
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the directory that holds the `engine` package
 _LANGUAGE = re.compile(r"[a-z]{2,3}(-[a-z0-9]{1,8})*")
 
 
@@ -56,16 +49,15 @@ class EspeakConfig:
     window: int = 256
     start_timeout_s: float = 10.0  # for a worker process to come up
     stall_timeout_s: float = 5.0  # a working worker silent this long is considered hung
-    cancel_timeout_s: float = 1.0  # for a worker to confirm a cancel before it is killed
 
     def __post_init__(self) -> None:
-        for name, low, high in (("workers", 1, 64), ("buffer_ms", 1, 1000), ("window", 1, 4096)):
+        for name, low, high in (("workers", 1, 64), ("buffer_ms", 1, 1000), ("window", 1, MAX_WINDOW)):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
                 raise ValueError(f"{name} must be an integer within [{low}, {high}]")
         if not (isinstance(self.language, str) and _LANGUAGE.fullmatch(self.language)):
             raise ValueError("language must be an espeak-ng language name such as 'en-us'")
-        for name in ("start_timeout_s", "stall_timeout_s", "cancel_timeout_s"):
+        for name in ("start_timeout_s", "stall_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                     and 0 < value <= 600):
@@ -80,154 +72,11 @@ class EspeakStats:
     restarts: int  # workers replaced after dying or hanging
 
 
-class _End(enum.Enum):
-    DONE = "done"  # the worker finished the request (Item.error may say it failed)
-    LOST = "lost"  # the worker process died or broke the protocol
-    CLOSED = "closed"  # the engine is shutting down
-
-
-@dataclass(frozen=True)
-class _Item:
-    pcm: bytes = b""
-    events: tuple[Any, ...] = ()  # espeak-ng's word and phoneme events (engine.espeak_worker)
-    end: _End | None = None
-    error: str | None = None
-
-
-class _Stream:
-    """One request on one worker: the items the worker sent for it, in order."""
-
-    def __init__(self, request_id: int) -> None:
-        self.id = request_id
-        self.items: asyncio.Queue[_Item] = asyncio.Queue()  # bounded by the worker's window
-
-
-class _Worker:
-    """Parent-side handle of one worker process."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, engine: EspeakSynthesizer) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self._engine = engine
-        self._next_id = 0
-        self.stream: _Stream | None = None
-        self.alive = True
-        self._reader: asyncio.Task[None] | None = None
-
-    @classmethod
-    async def spawn(cls, engine: EspeakSynthesizer) -> _Worker:
-        config = engine.config
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "engine.espeak_worker",
-                "--buffer-ms", str(config.buffer_ms), "--window", str(config.window), "--language", config.language,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=_PACKAGE_ROOT,
-            )
-        except OSError as exc:
-            raise EngineError(f"cannot start an espeak worker: {exc}") from exc
-        worker = cls(proc, engine)
-        try:
-            async with asyncio.timeout(config.start_timeout_s):
-                hello = await worker._read()
-        except (TimeoutError, asyncio.IncompleteReadError, ValueError, msgpack.UnpackException) as exc:
-            await worker.close(kill=True)
-            reason = "timed out" if isinstance(exc, TimeoutError) else f"exited with code {proc.returncode}"
-            raise EngineError(f"espeak worker did not start: {reason}") from exc
-        except BaseException:
-            await worker.close(kill=True)
-            raise
-        if hello.get("t") != "ready" or hello.get("sample_rate") != SAMPLE_RATE:
-            await worker.close(kill=True)
-            detail = hello.get("message") if hello.get("t") == "fatal" else f"unexpected greeting {hello!r}"
-            raise EngineError(f"espeak worker did not start: {detail}")
-        worker._reader = asyncio.create_task(worker._read_loop(), name=f"espeak-worker-{worker.pid}")
-        return worker
-
-    async def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        (size,) = _HEADER.unpack(await self.proc.stdout.readexactly(_HEADER.size))
-        if size > MAX_FRAME:
-            raise ValueError(f"frame of {size} bytes is over {MAX_FRAME}")
-        message = msgpack.unpackb(await self.proc.stdout.readexactly(size), raw=False)
-        if not isinstance(message, dict):
-            raise ValueError("frame is not a map")
-        return message
-
-    async def _read_loop(self) -> None:
-        reason = "exited"
-        try:
-            while True:
-                message = await self._read()
-                stream = self.stream
-                if stream is None or message.get("id") != stream.id:
-                    continue  # left over from an earlier request
-                if message.get("t") == "audio":
-                    self._engine._chunks_received += 1
-                    stream.items.put_nowait(_Item(pcm=bytes(message["pcm"]), events=tuple(message.get("ev", ()))))
-                elif message.get("t") == "done":
-                    self.stream = None
-                    stream.items.put_nowait(_Item(events=tuple(message.get("ev", ())), end=_End.DONE,
-                                                  error=message.get("error")))
-        except asyncio.IncompleteReadError:
-            reason = "exited"
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
-            reason = f"broke the protocol ({exc!r})"
-        self.alive = False
-        code = await self.proc.wait() if reason == "exited" else None
-        if self.stream is not None:
-            detail = f"exited with code {code}" if code is not None else reason
-            self.stream.items.put_nowait(_Item(end=_End.LOST, error=f"espeak worker {self.pid} {detail}"))
-            self.stream = None
-
-    def _send(self, message: dict[str, Any]) -> None:
-        if self.alive and self.proc.stdin is not None and not self.proc.stdin.is_closing():
-            self.proc.stdin.write(encode_frame(message))
-
-    def begin(self, segments: list[Segment]) -> _Stream:
-        assert self.stream is None, "a worker serves one request at a time"
-        self._next_id += 1
-        stream = _Stream(self._next_id)
-        if not self.alive:  # died after it was handed out; the reader has already reported on its last stream
-            stream.items.put_nowait(_Item(end=_End.LOST, error=f"espeak worker {self.pid} exited"))
-            return stream
-        self.stream = stream
-        self._send({"t": "synth", "id": stream.id, "segments": [s.to_wire() for s in segments]})
-        return stream
-
-    def ack(self, stream: _Stream) -> None:
-        self._send({"t": "ack", "id": stream.id, "n": 1})
-
-    def cancel(self, stream: _Stream) -> None:
-        self._send({"t": "cancel", "id": stream.id})
-
-    def interrupt(self) -> None:
-        """End the current stream now (engine shutdown)."""
-        if self.stream is not None:
-            self.stream.items.put_nowait(_Item(end=_End.CLOSED))
-            self.stream = None
-
-    async def close(self, kill: bool = False, grace_s: float = 1.0) -> None:
-        """Stop the process (politely unless ``kill``: a closed stdin makes it exit) and reap it."""
-        self.alive = False
-        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
-            self.proc.stdin.close()
-        if kill and self.proc.returncode is None:
-            self.proc.kill()
-        try:
-            async with asyncio.timeout(grace_s):
-                await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-        if self._reader is not None:
-            await self._reader
-
-
 class _Slot:
-    """A place in the pool; holds a worker, or None while there is none (it is spawned on demand)."""
+    """A place in the pool; holds a worker process, or None while there is none (it is spawned on demand)."""
 
     def __init__(self) -> None:
-        self.worker: _Worker | None = None
+        self.worker: RpcProcess | None = None
 
 
 class EspeakSynthesizer:
@@ -237,13 +86,15 @@ class EspeakSynthesizer:
 
     def __init__(self, config: EspeakConfig | None = None) -> None:
         self.config = config or EspeakConfig()
+        self._client_config = ClientConfig(window=self.config.window, stall_timeout_s=self.config.stall_timeout_s)
         self._slots = [_Slot() for _ in range(self.config.workers)]
         self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
         self._last_error: str | None = None
-        self._chunks_received = 0
+        self._busy = 0
+        self._received_before = 0  # chunks received by workers since replaced
         self._restarts = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -252,9 +103,9 @@ class EspeakSynthesizer:
         if self._started:
             return
         self._started = True
-        results = await asyncio.gather(*(_Worker.spawn(self) for _ in self._slots), return_exceptions=True)
-        for slot, result in zip(self._slots, results):
-            if isinstance(result, _Worker):
+        results = await asyncio.gather(*(self._spawn() for _ in self._slots), return_exceptions=True)
+        for slot, result in zip(self._slots, results, strict=True):
+            if isinstance(result, RpcProcess):
                 slot.worker = result
             elif isinstance(result, EngineError):
                 self._last_error = str(result)
@@ -271,8 +122,6 @@ class EspeakSynthesizer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         workers = [slot.worker for slot in self._slots if slot.worker is not None]
-        for worker in workers:
-            worker.interrupt()
         await asyncio.gather(*(worker.close() for worker in workers))
         for slot in self._slots:  # wakes requests waiting for a worker: they see the engine closed
             self._idle.put_nowait(slot)
@@ -288,12 +137,8 @@ class EspeakSynthesizer:
 
     def stats(self) -> EspeakStats:
         live = [s.worker for s in self._slots if s.worker is not None and s.worker.alive]
-        return EspeakStats(
-            workers=len(live),
-            busy=sum(1 for w in live if w.stream is not None),
-            chunks_received=self._chunks_received,
-            restarts=self._restarts,
-        )
+        received = self._received_before + sum(s.worker.client.received for s in self._slots if s.worker is not None)
+        return EspeakStats(workers=len(live), busy=self._busy, chunks_received=received, restarts=self._restarts)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live workers (for monitoring and tests)."""
@@ -307,51 +152,32 @@ class EspeakSynthesizer:
     async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[AudioChunk]:
         if not self._started or self._closed:
             raise EngineError(f"espeak engine is {'closed' if self._closed else 'not started'}")
-        segments = plan_segments(request, self.config.language)
-        if not segments:
+        if not plan_segments(request, self.config.language):
             return
-        budget = int(request.sampling.max_frames * SAMPLE_RATE / _FRAMES_PER_SECOND)  # samples
         slot = await self._acquire()
         worker = slot.worker
         assert worker is not None
-        stream = worker.begin(segments)
-        end: _End | None = None
-        # one chunk is held back, so the last one can carry the timing, which is complete only at the end
-        held: np.ndarray | None = None
-        events: list[Any] = []
-        made = 0  # samples
+        self._busy += 1
+        hung = False
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.config.stall_timeout_s):
-                        item = await stream.items.get()
-                except TimeoutError:
-                    raise EngineError(f"espeak worker {worker.pid} stopped answering") from None
-                events.extend(item.events)
-                if item.end is not None:
-                    end = item.end
-                    if item.error is not None:
-                        raise EngineError(item.error)
-                    if held is not None:
-                        yield AudioChunk(pcm=held, timing=timing_from_events(segments, events, made))
-                    return
-                worker.ack(stream)
-                pcm = np.frombuffer(item.pcm, dtype="<i2")[:budget].astype(np.float32) / np.float32(32768.0)
-                budget -= pcm.size
-                made += pcm.size
-                if pcm.size:
-                    if held is not None:
-                        # what is known so far: a barge-in before the end still cuts the turn at a word
-                        news = any(e[0] == "w" for e in item.events)
-                        so_far = timing_from_events(segments, events, made, complete=False) if news else None
-                        yield AudioChunk(pcm=held, timing=so_far)
-                    held = pcm
-                if budget <= 0:  # max_frames reached: the finally below cancels the rest
-                    if held is not None:
-                        yield AudioChunk(pcm=held, timing=timing_from_events(segments, events, made, ended=False))
-                    return
+            async for chunk in worker.client.synthesize(request):
+                yield chunk
+        except WorkerStalled:
+            hung = True
+            raise EngineError(f"espeak worker {worker.pid} stopped answering") from None
+        except WorkerLost as exc:
+            if self._closed:  # the engine was closed under this stream: it ends quietly
+                return
+            raise EngineError(f"espeak worker {worker.pid} is gone: {exc}") from None
         finally:
-            self._release(slot, worker, stream, end)
+            self._busy -= 1
+            self._release(slot, worker, replace=hung or not worker.alive)
+
+    async def _spawn(self) -> RpcProcess:
+        config = self.config
+        argv = [sys.executable, "-m", "engine.espeak_process", "--buffer-ms", str(config.buffer_ms),
+                "--language", config.language]
+        return await RpcProcess.spawn(argv, self._client_config, start_timeout_s=config.start_timeout_s)
 
     async def _acquire(self) -> _Slot:
         slot = await self._idle.get()
@@ -360,10 +186,8 @@ class EspeakSynthesizer:
                 raise EngineError("espeak engine is closed")
             if slot.worker is None or not slot.worker.alive:
                 if slot.worker is not None:  # died while idle
-                    await slot.worker.close(kill=True)
-                    slot.worker = None
-                    self._restarts += 1
-                slot.worker = await _Worker.spawn(self)
+                    await self._retire(slot)
+                slot.worker = await self._spawn()
                 self._last_error = None
         except EngineError as exc:
             self._last_error = str(exc)
@@ -374,44 +198,30 @@ class EspeakSynthesizer:
             raise
         return slot
 
-    def _release(self, slot: _Slot, worker: _Worker, stream: _Stream, end: _End | None) -> None:
-        """Give the slot back; runs in the iterator's ``finally``, so it never awaits (tasks do the rest)."""
-        if self._closed or end is _End.CLOSED:
+    def _release(self, slot: _Slot, worker: RpcProcess, *, replace: bool) -> None:
+        """Give the slot back; runs in the iterator's ``finally``, so it never awaits (a task replaces a worker).
+        A request closed mid-stream was cancelled over the RPC: the worker aborts it before its next one."""
+        if self._closed:
             return
-        if end is _End.DONE:
+        if not replace:
             self._idle.put_nowait(slot)
-        elif end is _End.LOST or not worker.alive:
-            self._spawn_task(self._replace(slot, worker))
-        else:  # abandoned mid-stream (closed, cancelled, max_frames, or the worker hung)
-            self._spawn_task(self._recover(slot, worker, stream))
-
-    def _spawn_task(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+            return
+        task = asyncio.get_running_loop().create_task(self._replace(slot))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _recover(self, slot: _Slot, worker: _Worker, stream: _Stream) -> None:
-        """Cancel the worker's request and wait for it to confirm; a worker that does not is replaced."""
-        worker.cancel(stream)
-        try:
-            async with asyncio.timeout(self.config.cancel_timeout_s):
-                item = await stream.items.get()
-                while item.end is None:  # audio made before the cancel arrived: dropped
-                    item = await stream.items.get()
-        except TimeoutError:
-            item = _Item(end=_End.LOST)
-        if item.end is _End.DONE:
-            self._idle.put_nowait(slot)
-        elif item.end is _End.LOST:
-            await self._replace(slot, worker)
+    async def _retire(self, slot: _Slot) -> None:
+        worker, slot.worker = slot.worker, None
+        if worker is not None:
+            self._received_before += worker.client.received
+            await worker.close(kill=True)
+            self._restarts += 1
 
-    async def _replace(self, slot: _Slot, worker: _Worker) -> None:
+    async def _replace(self, slot: _Slot) -> None:
         """Kill a dead or hung worker and start a fresh one in its slot (or leave it empty to retry later)."""
         try:
-            await worker.close(kill=True)
-            slot.worker = None
-            self._restarts += 1
-            slot.worker = await _Worker.spawn(self)
+            await self._retire(slot)
+            slot.worker = await self._spawn()
             self._last_error = None
         except EngineError as exc:
             self._last_error = str(exc)

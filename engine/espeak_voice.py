@@ -20,6 +20,7 @@ from engine.base import PhonemeTiming, SynthesisRequest, Timing, VoiceRef, WordT
 from engine.markup import split_markup, words_of
 
 __all__ = [
+    "SAMPLE_RATE",
     "TIMBRES",
     "Prosody",
     "Segment",
@@ -30,6 +31,8 @@ __all__ = [
     "timing_from_events",
     "voice_timbres",
 ]
+
+SAMPLE_RATE = 22050  # espeak-ng's native rate
 
 
 class Timbre(NamedTuple):
@@ -79,11 +82,6 @@ class Prosody:
 class Segment:
     text: str
     prosody: Prosody
-
-    def to_wire(self) -> dict[str, object]:
-        p = self.prosody
-        return {"text": self.text, "voice": p.voice, "rate": p.rate, "pitch": p.pitch, "range": p.range,
-                "volume": p.volume}
 
 
 def _clamp(value: float, low: int, high: int) -> int:
@@ -184,7 +182,7 @@ def _word_runs(text: str) -> list[tuple[int, int, int | None]]:
 
 def timing_from_events(segments: Sequence[Segment], events: Sequence[Sequence[object]], spoken: int,
                        complete: bool = True, ended: bool = True) -> Timing:
-    """The request's word and phoneme timing from espeak-ng's events (``engine.espeak_worker``'s ``ev`` lists).
+    """The request's word and phoneme timing from espeak-ng's events (``engine.espeak_process``'s ``ev`` lists).
 
     A word starts with its first phoneme (espeak-ng reports the word a little before its first sound) and ends at
     the next pause or the next word's first phoneme. A word espeak-ng did not report on its own (it reads "3.5" as

@@ -433,7 +433,7 @@ def run_tests(out: Path, dry_run: bool, log: Callable[[str], None]) -> dict[str,
     except ImportError:
         notes.append("pytest-asyncio is not importable: the async contract suites are not run (carry its wheel)")
     else:
-        files.append("tests/engine/dualar/test_contract_cuda.py")
+        files.append("tests/engine/test_contract.py")  # its GPU cases: S2 Pro torch on CUDA, and SGLang
         try:
             import sglang  # noqa: F401
         except ImportError:

@@ -16,8 +16,8 @@ caller notices nothing. Once audio has been yielded, a lost worker ends the stre
 gateway reports that turn as an error); the next turn goes to another worker, which rebuilds the prefix from the
 request, since every request carries the full history with its codes. No live worker: ``EngineError``.
 
-Each worker has one multiplexed connection (``WorkerClient``), opened on first use, pinged while open, and
-reopened after a failure. Flow control is the RPC's credit window: at most ``window`` chunks wait per request.
+Each worker has one multiplexed connection (``engine.rpc_client.WorkerClient``), opened on first use, pinged while
+open, and reopened after a failure. Flow control is the RPC's credit window: at most ``window`` chunks wait per request.
 """
 
 from __future__ import annotations
@@ -25,40 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from engine.base import AudioChunk, EngineError, EngineInfo, SynthesisRequest
-from engine.rpc import (
-    MAX_FRAME,
-    RPC_VERSION,
-    Cancel,
-    Credit,
-    Done,
-    EncodeVoice,
-    Failed,
-    Frames,
-    Hello,
-    Message,
-    Ping,
-    Pong,
-    Report,
-    RpcError,
-    Stats,
-    Submit,
-    VoiceReply,
-    encode,
-    frame,
-    read_message,
-)
+from engine.rpc_client import ClientConfig, WorkerClient, WorkerLost, WorkerUnavailable
 
 __all__ = [
     "MemberSource",
@@ -66,21 +44,11 @@ __all__ = [
     "PoolEngine",
     "PoolMember",
     "StaticMembers",
-    "WorkerClient",
-    "WorkerLost",
-    "WorkerUnavailable",
+    "WorkerTotals",
     "rendezvous_rank",
 ]
 
 log = logging.getLogger("shoal.pool")
-
-
-class WorkerLost(EngineError):
-    """The connection to a worker failed or broke."""
-
-
-class WorkerUnavailable(EngineError):
-    """The worker refused the request (shutting down, engine not ready, full): another worker may take it."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +61,7 @@ class PoolMember:
     load: int = 0  # requests in flight
     health: str | None = None  # None when ready
     stats: Mapping[str, float] = field(default_factory=dict)
+    started_at: float = 0.0  # when this process started (a restarted worker is a new instance)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -131,244 +100,57 @@ def rendezvous_rank(key: str, ids: Iterable[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class PoolConfig:
+class PoolConfig(ClientConfig):
+    """The pool's settings, and (inherited) those of its connections to the workers."""
+
     refresh_s: float = 1.0  # how often the live-worker list is re-read
     start_timeout_s: float = 60.0  # start(): wait this long for a first live worker
-    connect_timeout_s: float = 3.0  # TCP connect plus the worker's hello
     down_s: float = 5.0  # a worker that failed is passed over this long
-    window: int = 4  # chunks in flight per request
-    pcm: str = "f32"  # "f32" (exact) or "i16" (half the bytes)
-    stall_timeout_s: float = 120.0  # nothing from the worker for a request that waits: give up
-    call_timeout_s: float = 120.0  # encode_voice / stats
-    ping_interval_s: float = 5.0
-    dead_after_s: float = 20.0  # nothing at all received on a connection this long: it is dead
 
     def __post_init__(self) -> None:
-        for name in ("refresh_s", "start_timeout_s", "connect_timeout_s", "stall_timeout_s", "call_timeout_s",
-                     "ping_interval_s", "dead_after_s"):
+        super().__post_init__()
+        for name in ("refresh_s", "start_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.down_s < 0:
             raise ValueError("down_s must not be negative")
-        if not 1 <= self.window <= 64:
-            raise ValueError("window must be within [1, 64]")
-        if self.pcm not in ("f32", "i16"):
-            raise ValueError("pcm must be f32 or i16")
-        if self.dead_after_s <= self.ping_interval_s:
-            raise ValueError("dead_after_s must exceed ping_interval_s")
 
 
-_END = object()
+class WorkerTotals:
+    """The workers' ``*_total`` counters summed so that the sum never goes backwards.
 
+    A worker's counters start again from 0 when its process restarts, and vanish from the registry when it dies, so
+    a plain sum over the live workers drops. Here each worker instance (id, address, start time) keeps the last
+    values it reported after it is gone, and an instance whose counters went down (restarted in place, the same
+    address and no start time: a static list) has its old values banked first. Bounded: past ``keep`` instances,
+    the oldest is folded into the bank."""
 
-class WorkerClient:
-    """One multiplexed connection to a worker. Open with ``await WorkerClient.connect(host, port)``."""
+    def __init__(self, keep: int = 1024) -> None:
+        self.keep = keep
+        self._last: dict[tuple[str, str, int, float], dict[str, float]] = {}
+        self._banked: dict[str, float] = {}
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello,
-                 config: PoolConfig) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.worker = hello.worker
-        self.info = hello.engine
-        self.max_frame = hello.max_frame
-        self.config = config
-        self.closed = False
-        self.error: str | None = None
-        self._ids = itertools.count(1)
-        self._streams: dict[int, asyncio.Queue[object]] = {}
-        self._calls: dict[int, asyncio.Future[Message]] = {}
-        self._lock = asyncio.Lock()
-        self._last_rx = time.monotonic()
-        self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._keepalive())]
+    def update(self, members: Iterable[PoolMember]) -> None:
+        for m in members:
+            key = (m.id, m.host, m.port, m.started_at)
+            now = {k: float(v) for k, v in m.stats.items() if k.endswith("_total")}
+            last = self._last.pop(key, None)
+            if last is not None and any(now.get(k, 0.0) < v for k, v in last.items()):
+                self._bank(last)  # restarted: its earlier counts still happened
+            self._last[key] = now  # most recently seen last
+        while len(self._last) > self.keep:
+            self._bank(self._last.pop(next(iter(self._last))))
 
-    @classmethod
-    async def connect(cls, host: str, port: int, config: PoolConfig | None = None) -> WorkerClient:
-        """Raises ``WorkerLost`` if the worker cannot be reached or does not speak RPC v1."""
-        config = config or PoolConfig()
-        writer = None
-        try:
-            async with asyncio.timeout(config.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
-                hello = await read_message(reader, MAX_FRAME)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, RpcError) as exc:
-            if writer is not None:
-                writer.close()
-            raise WorkerLost(f"cannot reach engine worker at {host}:{port}: {type(exc).__name__}: {exc}") from None
-        if hello is None:
-            writer.close()
-            raise WorkerLost(f"engine worker at {host}:{port} closed the connection (shutting down?)")
-        if not isinstance(hello, Hello) or hello.version != RPC_VERSION:
-            writer.close()
-            raise WorkerLost(f"{host}:{port} is not an engine worker speaking RPC v{RPC_VERSION}")
-        return cls(reader, writer, hello, config)
+    def totals(self) -> dict[str, float]:
+        out = dict(self._banked)
+        for values in self._last.values():
+            for k, v in values.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._streams) + len(self._calls)
-
-    # ---- requests
-
-    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[AudioChunk]:
-        """Stream one request. Raises ``WorkerLost`` / ``WorkerUnavailable`` / ``EngineError``."""
-        rid = next(self._ids)
-        window = self.config.window
-        queue: asyncio.Queue[object] = asyncio.Queue()  # at most `window` chunks: the worker keeps to its credit
-        self._streams[rid] = queue
-        finished = False
-        try:
-            await self._send(Submit(rid, request, window, self.config.pcm))
-            owed = 0
-            while True:
-                try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races a result
-                    async with asyncio.timeout(self.config.stall_timeout_s):
-                        item = await queue.get()
-                except TimeoutError:
-                    raise EngineError(
-                        f"engine worker {self.worker} sent nothing for {self.config.stall_timeout_s:.0f} s"
-                    ) from None
-                if item is _END:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                assert isinstance(item, AudioChunk)
-                yield item
-                owed += 1
-                if owed * 2 >= window:  # acknowledge in halves of the window: few messages, no stalls
-                    await self._send(Credit(rid, owed))
-                    owed = 0
-        finally:
-            self._streams.pop(rid, None)
-            if not finished and not self.closed:
-                with contextlib.suppress(Exception):
-                    self.writer.write(frame(encode(Cancel(rid))))  # no drain: it is tiny and must not block here
-
-    async def encode_voice(self, pcm: np.ndarray, sample_rate: int, text: str) -> np.ndarray | None:
-        reply = await self._call(lambda rid: EncodeVoice(rid, np.asarray(pcm, dtype=np.float32), sample_rate, text))
-        assert isinstance(reply, VoiceReply)
-        return reply.codes
-
-    async def stats(self) -> Report:
-        reply = await self._call(Stats)
-        assert isinstance(reply, Report)
-        return reply
-
-    async def aclose(self) -> None:
-        self._fail(WorkerLost(f"connection to engine worker {self.worker} closed"))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    # ---- internals
-
-    async def _call(self, make: Callable[[int], Message]) -> Message:
-        rid = next(self._ids)
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._calls[rid] = future
-        try:
-            await self._send(make(rid))
-            async with asyncio.timeout(self.config.call_timeout_s):
-                reply = await future
-        except TimeoutError:
-            raise EngineError(f"engine worker {self.worker} did not answer in {self.config.call_timeout_s:.0f} s") from None
-        finally:
-            self._calls.pop(rid, None)
-        if isinstance(reply, Failed):
-            raise _error(self.worker, reply)
-        return reply
-
-    async def _send(self, msg: Message) -> None:
-        if self.closed:
-            raise WorkerLost(f"connection to engine worker {self.worker} is closed: {self.error}")
-        data = frame(encode(msg))
-        if len(data) > self.max_frame:
-            raise EngineError(f"{msg.type} of {len(data)} bytes exceeds the worker's frame limit ({self.max_frame})")
-        try:
-            async with self._lock:
-                self.writer.write(data)
-                async with asyncio.timeout(self.config.dead_after_s):
-                    await self.writer.drain()
-        except (OSError, TimeoutError) as exc:
-            self._fail(WorkerLost(f"engine worker {self.worker}: send failed: {type(exc).__name__}"))
-            raise WorkerLost(f"engine worker {self.worker}: connection lost") from None
-
-    async def _read_loop(self) -> None:
-        reason = "closed the connection"
-        try:
-            while True:
-                msg = await read_message(self.reader, 1 << 31)
-                self._last_rx = time.monotonic()
-                if msg is None:
-                    break
-                self._dispatch(msg)
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            reason = f"connection lost ({type(exc).__name__})"
-        except RpcError as exc:
-            reason = f"protocol error: {exc}"
-            log.error("engine worker %s: %s", self.worker, exc)
-        self._fail(WorkerLost(f"engine worker {self.worker} {reason}"))
-
-    def _dispatch(self, msg: Message) -> None:
-        if isinstance(msg, Frames):
-            queue = self._streams.get(msg.id)
-            if queue is not None:  # else cancelled here: frames in flight are dropped
-                if queue.qsize() >= self.config.window:
-                    raise RpcError("protocol", f"request {msg.id}: frames beyond the credit window")
-                queue.put_nowait(msg.chunk)
-        elif isinstance(msg, Done):
-            queue = self._streams.get(msg.id)
-            if queue is not None:
-                queue.put_nowait(_END)
-        elif isinstance(msg, Failed):
-            if msg.id is None:
-                self._fail(WorkerLost(f"engine worker {self.worker} closed the connection: {msg.message}"))
-                return
-            queue = self._streams.get(msg.id)
-            if queue is not None:
-                queue.put_nowait(_error(self.worker, msg))
-            elif (future := self._calls.get(msg.id)) is not None and not future.done():
-                future.set_result(msg)
-        elif isinstance(msg, (VoiceReply, Report)):
-            future = self._calls.get(msg.id)
-            if future is not None and not future.done():
-                future.set_result(msg)
-        elif isinstance(msg, Pong):
-            pass
-        else:
-            raise RpcError("protocol", f"unexpected {msg.type} from the worker")
-
-    async def _keepalive(self) -> None:
-        interval = self.config.ping_interval_s
-        while not self.closed:
-            await asyncio.sleep(interval)
-            if time.monotonic() - self._last_rx > self.config.dead_after_s:
-                self._fail(WorkerLost(f"engine worker {self.worker} silent for {self.config.dead_after_s:.0f} s"))
-                return
-            with contextlib.suppress(EngineError):
-                await self._send(Ping())
-
-    def _fail(self, exc: EngineError) -> None:
-        """The connection is over: every request on it ends with ``exc``."""
-        if self.closed:
-            return
-        self.closed = True
-        self.error = str(exc)
-        for queue in self._streams.values():
-            queue.put_nowait(exc)
-        for future in self._calls.values():
-            if not future.done():
-                future.set_exception(exc)
-        self.writer.close()
-
-
-def _error(worker: str, msg: Failed) -> EngineError:
-    text = f"engine worker {worker}: {msg.message}"
-    if msg.code == "unavailable":
-        return WorkerUnavailable(text)
-    if msg.code == "bad_request":
-        return EngineError(f"{text} (bad request)")
-    return EngineError(text)
+    def _bank(self, values: Mapping[str, float]) -> None:
+        for k, v in values.items():
+            self._banked[k] = self._banked.get(k, 0.0) + v
 
 
 @dataclass
@@ -388,6 +170,7 @@ class PoolEngine:
         self.info = EngineInfo(name="pool", sample_rate=44100, cloning=False)  # replaced by the workers' own
         self.members: list[PoolMember] = []  # the live workers, as last read
         self.counters = _Counters()
+        self.totals = WorkerTotals()
         self._clients: dict[tuple[str, str, int], WorkerClient] = {}
         self._connecting: dict[tuple[str, str, int], asyncio.Lock] = {}
         self._down: dict[tuple[str, str, int], float] = {}  # member -> monotonic time it may be tried again
@@ -453,11 +236,14 @@ class PoolEngine:
         return None
 
     def stats(self) -> dict[str, float]:
-        """Pool counters plus every live worker's stats summed by name (from their last heartbeat)."""
+        """Pool counters plus the workers' stats by name (from their last heartbeats): gauges summed over the live
+        workers, counters (``*_total``) over every worker instance seen, so they never go backwards."""
         total: dict[str, float] = {}
         for member in self.members:
             for name, value in member.stats.items():
-                total[name] = total.get(name, 0.0) + value
+                if not name.endswith("_total"):
+                    total[name] = total.get(name, 0.0) + value
+        total.update(self.totals.totals())
         c = self.counters
         total.update(
             pool_workers=len(self._usable()),
@@ -610,6 +396,7 @@ class PoolEngine:
         self._source_error = None
         self._refreshed_at = time.monotonic()
         self.members = members
+        self.totals.update(members)
         live = {_key(m) for m in members}
         for key, client in list(self._clients.items()):
             # a worker that left the registry is draining or dead: no new work; close its connection once idle

@@ -1,8 +1,10 @@
-"""The engine worker RPC, version 1: any ``Synthesizer`` served over TCP to the gateway's ``PoolEngine``.
+"""The engine worker RPC, version 1: any ``Synthesizer`` served out of process. Every out-of-process engine speaks
+it: the worker pool's ``shoal worker`` processes over TCP, and the built-in voice's espeak-ng processes over their
+stdin / stdout (``engine.rpc_process``).
 
 It knows nothing of the client protocol (``realtime/``) or the store (``sessions/``): it carries
-``SynthesisRequest``s in and ``AudioChunk``s out. The server is ``engine.worker.WorkerServer``, the client
-``engine.pool.WorkerClient``.
+``SynthesisRequest``s in and ``AudioChunk``s out. The server is ``engine.rpc_server.WorkerServer``, the client
+``engine.rpc_client.WorkerClient``.
 
 Framing. A connection is a stream of frames, each a 4-byte big-endian unsigned length ``N`` followed by ``N``
 bytes of one msgpack map. ``N`` is at most the receiver's ``max_frame`` (the worker announces its own in
@@ -32,7 +34,7 @@ Worker -> client
 
 | type | fields | meaning |
 |---|---|---|
-| ``frames`` | ``id``, ``pcm`` (array, ``<f4`` or ``<i2`` as asked), ``codes``?, ``timing``? {``words`` [[word, start, end]], ``phonemes`` [[ipa, start]], ``estimated``} | one audio chunk; each spends one credit |
+| ``frames`` | ``id``, ``pcm`` (array, ``<f4`` or ``<i2`` as asked), ``codes``?, ``timing``? {``words`` [[word, start, end]], ``phonemes`` [[ipa, start]], ``estimated``, ``complete``} | one audio chunk; each spends one credit |
 | ``done`` | ``id``, ``reason`` ``complete`` \\| ``cancelled`` | the request ended; the id is free |
 | ``error`` | ``id``?, ``code``, ``message`` | the request ended in failure (or, without ``id``, the connection is closing) |
 | ``voice`` | ``id``, ``codes``? | answer to ``encode_voice`` (no codes: the engine cannot clone) |
@@ -102,7 +104,7 @@ __all__ = [
 
 RPC_VERSION = 1
 MAX_FRAME = 32 << 20  # default largest frame, bytes
-MAX_WINDOW = 64  # most credit a request may hold
+MAX_WINDOW = 1024  # most credit a request may hold (the built-in voice runs ~15 s ahead: 256 chunks of ~60 ms)
 ERROR_CODES = frozenset({"bad_request", "unavailable", "engine", "internal", "protocol"})
 _HEADER = struct.Struct(">I")
 _DTYPES = {"<f4": np.dtype("<f4"), "<i2": np.dtype("<i2")}
@@ -246,7 +248,7 @@ def _pcm(pcm: np.ndarray, fmt: str) -> dict[str, Any]:
 
 def _timing(t: Timing) -> dict[str, Any]:
     return {"words": [[w.word, w.start, w.end] for w in t.words],
-            "phonemes": [[p.phoneme, p.start] for p in t.phonemes], "estimated": t.estimated}
+            "phonemes": [[p.phoneme, p.start] for p in t.phonemes], "estimated": t.estimated, "complete": t.complete}
 
 
 def _request(r: SynthesisRequest) -> dict[str, Any]:
@@ -351,7 +353,8 @@ class _Fields:
             raise f.bad("words", f"must be [word, start, end] triples and [phoneme, start] pairs ({exc})") from None
         if any(not 0 <= w.start < w.end for w in words):
             raise f.bad("words", "each word needs 0 <= start < end")
-        return Timing(words=words, phonemes=phonemes, estimated=f.get("estimated", bool, False))
+        return Timing(words=words, phonemes=phonemes, estimated=f.get("estimated", bool, False),
+                      complete=f.get("complete", bool, True))
 
     def codes(self, name: str) -> np.ndarray | None:
         codes = self.array(name, "<i2", 2, optional=True)

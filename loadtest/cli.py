@@ -7,6 +7,7 @@
     shoal loadtest --serve stub --telephony --sessions 25 --out DIR      # phone calls: Twilio Media Streams, barge-in
     shoal loadtest sweep --serve stub --start 100 --step 100 --max-sessions 800 --out DIR
     shoal loadtest report --out DIR          # recompute summary.json and the report from DIR/raw
+    shoal loadtest soak --serve stub --sessions 66 --duration 1800 --out DIR   # 80 % of capacity, watched for leaks
 
 Exit status: 0 when the run completed and its events are sane (with ``--check``: and within the thresholds);
 1 when the events show impossible orderings, nothing could run, or (``--check``) a threshold broke; 2 for usage
@@ -45,8 +46,9 @@ def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
         help="simulate many conversations against a server on this machine; latency and capacity report",
         description=(__doc__ or "").split("\n\n")[0],
     )
-    p.add_argument("action", nargs="?", choices=("run", "sweep", "report"), default="run",
-                   help="run (default): one load; sweep: find the capacity; report: re-analyse --out DIR")
+    p.add_argument("action", nargs="?", choices=("run", "sweep", "report", "soak"), default="run",
+                   help="run (default): one load; sweep: find the capacity; report: re-analyse --out DIR; soak: "
+                        "one long load, the server's memory, fds and tasks sampled and checked flat")
     target = p.add_argument_group("server under test (loopback only)")
     target.add_argument("--url", help="protocol v1 endpoint, e.g. ws://127.0.0.1:8000/v1/realtime")
     target.add_argument("--serve", metavar="ENGINE", choices=("stub", "espeak"),
@@ -101,6 +103,7 @@ def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
     sw.add_argument("--step", type=int, default=50)
     sw.add_argument("--max-sessions", type=int, default=1000)
     sw.add_argument("--refine", type=int, default=2, help="bisection steps after the first failure (default 2)")
+    p.add_argument("--sample-s", type=float, default=10.0, help="soak: seconds between samples (default 10)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="on a shared machine: first wait up to S s for other processes to go quiet (sweep: before "
                         "each level, and redo a level measured while they were busy, up to 2 times)")
@@ -233,6 +236,25 @@ def run_loadtest(args: argparse.Namespace) -> int:
                   f"{args.max_underruns}{missed}){' - limited by the client' if result['limited_by_client'] else ''}")
             print(f"report: {out_dir / 'report.html'}")
             return 0 if all(st["sane"] for st in result["steps"]) else 1
+        if args.action == "soak":
+            from loadtest.soak import soak
+
+            if pid is None:
+                raise RuntimeError("soak needs the server's pid (use --serve, or --server-pid)")
+            verdict = soak(config, out_dir, pid, info, args.sample_s, progress=progress)
+            for name in ("rss_mb", "fds", "tasks"):
+                v = verdict.get(name)
+                if v:
+                    print(f"{name:8} {v['start']:g} -> {v['end']:g} (min {v['min']:g}, max {v['max']:g}; "
+                          f"allowed +{v['allowed']:g}): {'flat' if v['flat'] else 'GROWING'}")
+            settled = verdict["settled"]
+            print(f"after    connections {settled['connections_after']:g}, fds {settled['fds']['before']} -> "
+                  f"{settled['fds']['after']}, tasks {settled['tasks']['before']:g} -> {settled['tasks']['after']:g}: "
+                  f"{'settled' if settled['ok'] else 'NOT settled'}")
+            flat = {True: "flat", False: "NOT flat", None: "no verdict (too short)"}[verdict["flat"]]
+            print(f"soak: {verdict['run']['sessions_ready']}/{config.sessions} sessions, {verdict['run']['turns']} "
+                  f"turns, {verdict['run']['errors']} errors; {flat}; {out_dir / 'soak.json'}")
+            return 0 if verdict["flat"] and settled["ok"] and verdict["sane"] else 1
         thresholds = (args.ttfa_p99_ms, args.max_underruns)
         if args.wait_quiet > 0:
             from loadtest.cpu import wait_quiet

@@ -22,7 +22,9 @@ class ServerProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="shoal-loadtest-")
         cmd = [
             sys.executable, "-m", "realtime", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--data-dir", str(Path(self._tmp.name) / "data"), "--engine", engine, *(extra or []),
+            "--data-dir", str(Path(self._tmp.name) / "data"), "--engine", engine,
+            # every simulated client comes from 127.0.0.1: lift the per-address quotas meant for real clients
+            "--limit", "connections_per_address=100000", "--limit", "sessions_per_address=100000", *(extra or []),
         ]
         self.command = cmd
         self.log_path = log_path

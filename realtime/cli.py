@@ -1,21 +1,30 @@
-"""The ``shoal`` command: ``serve`` (the gateway), ``worker`` (an engine served to gateways over the worker RPC),
-``say`` (an engine, offline, to a WAV file), ``codec`` (encode / decode with the S2 Pro codec) and ``loadtest``."""
+"""The server's commands: ``serve`` (the gateway), ``worker`` (an engine served to gateways over the worker RPC),
+``say`` (an engine, offline, to a WAV file), ``codec`` (encode / decode with the S2 Pro codec), ``token`` (a
+short-lived token for a browser or device) and ``bench`` (the S2 Pro engine's benchmarks). ``python -m realtime``
+runs these; the ``shoal`` command (``shoal.cli``) adds the other packages' commands (``loadtest``) to them. Engines
+are built by ``engine.registry`` from the options here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.base import EngineError, Sampling, Synthesizer
 from engine.registry import ENGINE_NAMES, make_engine
-from loadtest.cli import add_loadtest_parser, run_loadtest
+from realtime.auth import DEFAULT_TENANT, SCOPES, TOKEN_TTL_S, KeyRing, OriginPolicy
 from realtime.config import GatewayLimits, ServerConfig
-from realtime.offline import CliError, SayJob, codec_decode, codec_encode, say
+from realtime.say_codec import CliError, SayJob, codec_decode, codec_encode, say
 from realtime.turns import Limits as TurnLimits
+
+Command = Callable[[argparse.Namespace], int]
+Commands = Callable[[Any], Mapping[str, Command]]  # registers commands on a subparsers object, returns their runners
 
 
 def _bounded(kind: type, lo: float, hi: float, what: str):  # type: ignore[no-untyped-def]
@@ -80,58 +89,35 @@ def _engine_argv(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _engine_from_args(args: argparse.Namespace) -> Synthesizer:
+    """The engine the options ask for, from ``engine.registry``; S2 Pro loads its weights now, before serving, so a
+    bad checkpoint (or a missing GPU or sglang) is a clear error rather than a failed startup."""
     name = _engine_name(args)
-    if name == "s2pro":
-        return _load_s2pro(args)
     if name == "stub":
         return make_engine("stub", ttft_ms=args.stub_ttft_ms, frame_ms=args.stub_frame_ms)
-    return make_engine(name)
-
-
-def _load_s2pro_sglang(args: argparse.Namespace) -> Synthesizer:
-    """The SGLang backend, checked (a CUDA GPU, the sglang extra) and started now, before serving."""
-    from engine.sglang import SGLangConfig, SGLangSynthesizer
-
-    device = "cuda:0" if args.device == "cpu" else args.device
-    if not device.startswith("cuda"):
-        raise CliError(f"--backend sglang runs on a CUDA GPU (--device cuda[:N]), not {args.device}")
-    try:
-        engine = SGLangSynthesizer(SGLangConfig(
-            model=args.model, codec=str(args.codec) if args.codec else None, gpu=int(device.partition(":")[2] or 0),
-            dtype=args.dtype or "bfloat16", max_seq_len=args.max_seq_len, warm_cache=args.prefix_cache == "on"))
-        engine.load()
-    except (EngineError, ValueError) as exc:
-        raise CliError(str(exc)) from None
-    return engine
-
-
-def _load_s2pro(args: argparse.Namespace) -> Synthesizer:
-    """Load weights now, before serving, so a bad checkpoint is a clear error rather than a failed startup."""
-    if args.backend == "sglang":
-        return _load_s2pro_sglang(args)
+    if name != "s2pro":
+        return make_engine(name)
     from engine.dualar.loader import ModelLoadError
-    from engine.dualar.synthesizer import DualARConfig, DualARSynthesizer
 
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    extra: dict[str, object] = {}
-    if "prefix_cache" in {f.name for f in dataclasses.fields(DualARConfig)}:
-        extra["prefix_cache"] = args.prefix_cache == "on"
-    extra["cuda_graphs"] = args.cuda_graphs == "on"
     try:
-        engine = DualARSynthesizer(
-            DualARConfig(
-                model=args.model,
-                codec=str(args.codec) if args.codec else None,
-                device=args.device,
-                dtype=dtype,
-                max_seq_len=args.max_seq_len,
-                **extra,  # type: ignore[arg-type]
-            )
-        )
-        engine.load()
+        engine = make_engine("s2pro", **_s2pro_options(args))
+        engine.load()  # type: ignore[attr-defined]
     except (ModelLoadError, EngineError, ValueError) as exc:
         raise CliError(str(exc)) from None
     return engine
+
+
+def _s2pro_options(args: argparse.Namespace) -> dict[str, object]:
+    """The S2 Pro options of the command line as the chosen backend's config fields."""
+    codec = str(args.codec) if args.codec else None
+    if args.backend == "sglang":
+        device = "cuda:0" if args.device == "cpu" else args.device
+        if not device.startswith("cuda"):
+            raise CliError(f"--backend sglang runs on a CUDA GPU (--device cuda[:N]), not {args.device}")
+        return dict(backend="sglang", model=args.model, codec=codec, gpu=int(device.partition(":")[2] or 0),
+                    dtype=args.dtype or "bfloat16", max_seq_len=args.max_seq_len, warm_cache=args.prefix_cache == "on")
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    return dict(model=args.model, codec=codec, device=args.device, dtype=dtype, max_seq_len=args.max_seq_len,
+                prefix_cache=args.prefix_cache == "on", cuda_graphs=args.cuda_graphs == "on")
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -146,10 +132,53 @@ def _check_redis_url(url: str | None) -> None:
         raise CliError(f"--redis must be a redis://, rediss:// or unix:// URL, got {url!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shoal", description="Shoal: real-time conversational voice server")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
+KEYS_ENV = "SHOAL_API_KEYS"  # TENANT:KEY[,TENANT:KEY...]: keys without putting them on a command line
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("API keys (each key is a tenant; also read from $" + KEYS_ENV + ")")
+    g.add_argument("--api-key", metavar="KEY", help=f"the key of tenant {DEFAULT_TENANT!r}")
+    g.add_argument("--api-keys", metavar="FILE", type=Path, help="TENANT:KEY per line (# comments)")
+
+
+def _key_ring(args: argparse.Namespace) -> KeyRing:
+    """The API keys from --api-key, --api-keys FILE and $SHOAL_API_KEYS, together (a tenant named twice is an
+    error)."""
+    keys: dict[str, str] = {}
+    sources: list[tuple[str, str]] = []
+    if args.api_key is not None:
+        sources.append(("--api-key", f"{DEFAULT_TENANT}:{args.api_key}"))
+    if args.api_keys is not None:
+        try:
+            sources.append((str(args.api_keys), args.api_keys.read_text()))
+        except OSError as exc:
+            raise CliError(f"--api-keys: {exc}") from None
+    if os.environ.get(KEYS_ENV):
+        sources.append((f"${KEYS_ENV}", os.environ[KEYS_ENV]))
+    try:
+        for where, text in sources:
+            for tenant, key in KeyRing.parse(text, where).keys.items():
+                if tenant in keys:
+                    raise ValueError(f"{where}: tenant {tenant!r} already has a key")
+                keys[tenant] = key
+        return KeyRing(keys)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _limit(value: str) -> tuple[str, float]:
+    name, sep, number = value.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(GatewayLimits) if f.type in ("int", "float")}
+    if not sep or name not in fields:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {', '.join(sorted(fields))}")
+    try:
+        return name, (int if fields[name].type == "int" else float)(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be a {fields[name].type}, got {number!r}") from None
+
+
+def add_commands(sub: Any) -> dict[str, Command]:
+    """Register the server's commands on ``sub`` (an argparse subparsers object); returns their runners."""
 
     serve = sub.add_parser("serve", help="run the WebSocket gateway (protocol v1 at /v1/realtime)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -157,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--redis", metavar="URL", help="use this Redis (redis://, rediss://, unix://) instead of the embedded one")
     serve.add_argument("--data-dir", type=Path, help="where the embedded Redis persists (default: per-user data dir)")
-    serve.add_argument("--api-key", metavar="KEY", help="require this key (Authorization: Bearer KEY or ?token=KEY)")
+    _add_key_options(serve)
+    serve.add_argument("--allowed-origins", metavar="LIST",
+                       help="comma-separated web origins that may open a socket: * (any), self (this server's own "
+                            "pages), or scheme://host[:port] (default: self with API keys, else *)")
+    serve.add_argument("--limit", metavar="NAME=VALUE", type=_limit, action="append", default=[],
+                       help="set a limit or quota (README: Security); repeatable, e.g. --limit voices_per_tenant=25")
     serve.add_argument("--max-contexts", type=_bounded(int, 1, 64, "--max-contexts"), default=8,
                        help="concurrent contexts a session may have in flight (default 8)")
     pool = serve.add_argument_group("worker pool")
@@ -210,16 +244,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", type=Path, metavar="DIR", help="checkpoint directory holding codec.pth")
         p.add_argument("--device", default="cpu")
 
-    add_loadtest_parser(sub)
+    token = sub.add_parser("token", help="print a short-lived token (for a browser or device) signed with a tenant's key")
+    _add_key_options(token)
+    token.add_argument("--tenant", default=None, help="whose token (default: the only tenant)")
+    token.add_argument("--session", metavar="ID", help="the one session the token may open (default: any)")
+    token.add_argument("--scope", dest="scopes", action="append", choices=SCOPES,
+                       help="what it may do, repeatable (default: all)")
+    token.add_argument("--ttl", type=_bounded(int, 1, 24 * 3600, "--ttl"), default=TOKEN_TTL_S,
+                       help=f"lifetime in seconds (default {TOKEN_TTL_S})")
+
     bench = sub.add_parser("bench", help="measure the S2 Pro engine on random weights: engine | prefix | batch",
                            add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    return parser
+    return {"serve": run_serve, "worker": run_worker, "say": run_say, "codec": run_codec, "bench": run_bench,
+            "token": run_token}
+
+
+def build_parser(extra: Sequence[Commands] = ()) -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    """The ``shoal`` parser: the server's commands and those ``extra`` registers; and every command's runner."""
+    parser = argparse.ArgumentParser(prog="shoal", description="Shoal: real-time conversational voice server")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = add_commands(sub)
+    for register in extra:
+        commands.update(register(sub))
+    return parser, commands
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from realtime.workers import WorkerOptions
-    from realtime.workers import run_worker as serve_worker
+    from realtime.worker_process import WorkerOptions
+    from realtime.worker_process import run_worker as serve_worker
     from sessions.embedded import EmbeddedRedis, default_data_dir
 
     _check_redis_url(args.redis)
@@ -242,17 +296,21 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from realtime.server import serve  # uvicorn only where it is needed
-    from realtime.workers import LocalWorkers, WorkerStartError
+    from realtime.worker_process import LocalWorkers, WorkerStartError
 
     _check_redis_url(args.redis)
     if args.data_dir is not None and args.data_dir.exists() and not args.data_dir.is_dir():
         raise CliError(f"--data-dir {args.data_dir} exists and is not a directory")
     if args.workers and args.worker_pool:
         raise CliError("give --workers N (local workers) or --worker-pool NAME (workers started elsewhere), not both")
+    keys = _key_ring(args)
     try:
-        limits = GatewayLimits(turn=TurnLimits(max_contexts=args.max_contexts))
+        limits = GatewayLimits(turn=TurnLimits(max_contexts=args.max_contexts), **dict(args.limit))
+        origins = None
+        if args.allowed_origins is not None:
+            origins = OriginPolicy(tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
         config = ServerConfig(host=args.host, port=args.port, redis_url=args.redis, data_dir=args.data_dir,
-                              api_key=args.api_key, engine=_engine_name(args), limits=limits)
+                              keys=keys, origins=origins, engine=_engine_name(args), limits=limits)
         if args.worker_pool:
             return serve(config, None, worker_pool=args.worker_pool)
         if args.workers:
@@ -263,6 +321,23 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return serve(config, _engine_from_args(args))
+
+
+def run_token(args: argparse.Namespace) -> int:
+    keys = _key_ring(args)
+    if not keys.enabled:
+        raise CliError(f"no API keys: give --api-key, --api-keys FILE or ${KEYS_ENV}, as to shoal serve")
+    tenant = args.tenant
+    if tenant is None:
+        if len(keys.keys) != 1:
+            raise CliError(f"several tenants ({', '.join(sorted(keys.keys))}): name one with --tenant")
+        tenant = next(iter(keys.keys))
+    try:
+        token, _ = keys.issue(tenant, ttl_s=args.ttl, session=args.session, scopes=args.scopes or SCOPES)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(token)
+    return 0
 
 
 def run_say(args: argparse.Namespace) -> int:
@@ -308,17 +383,16 @@ def bench_main(argv: Sequence[str]) -> int:
     return int(parsed.bench_main(parsed) or 0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, extra: Sequence[Commands] = ()) -> int:
+    """Run one command (``extra``: more commands to offer, as ``shoal.cli`` adds ``loadtest``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own parser (and its --help), built only when asked for
         return bench_main(argv[1:])
-    parser = build_parser()
+    parser, commands = build_parser(extra)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    commands = {"serve": run_serve, "worker": run_worker, "say": run_say, "codec": run_codec, "loadtest": run_loadtest,
-                "bench": run_bench}
     try:
         return commands[args.command](args)
     except CliError as exc:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import concurrent.futures
-import hmac
+import io
 import os
 import logging
 import time
@@ -29,18 +29,22 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from engine.alignment import Aligner
 from engine.base import AudioChunk, EngineError, Sampling, SynthesisRequest, Synthesizer, VoiceRef
 from realtime import vad
-from realtime.audio import AudioEncoder, OutputFormat, pcm16_to_float, read_audio_bytes
+from realtime.audio import AudioEncoder, OutputFormat, pcm16_to_float, read_audio_bytes, write_ogg_opus
+from realtime.auth import AuthError, Principal, credential
 from realtime.caller import CallLink, InputFormat, InputStream
 from realtime.config import ServerConfig
 from realtime.liveness import ReadProbe
 from realtime.mix import Mixer
+from realtime.socket import Socket  # WebSocket, or an adapter's VirtualSocket
 from realtime.metrics import Metrics
 from realtime.outbox import Close, Outbox, OutboxFull
+from realtime.quotas import Hold, QuotaExceeded, Quotas
+from realtime.voices import with_codes
 from realtime.turns import Finish, Job, Output, Send, Stop, Stream, Synthesize, TurnMachine, Write
 from realtime.vad import VAD_RATE
 from realtime.protocol import (
@@ -75,7 +79,7 @@ from realtime.protocol import (
     parse_frame,
 )
 from sessions.model import Session, Speaker, Turn, Voice
-from sessions.store import SessionStore, StoreError, WriteRejected
+from sessions.store import SessionStore, StoreError, VoiceQuotaExceeded, WriteRejected
 
 log = logging.getLogger("shoal.gateway")
 
@@ -84,6 +88,7 @@ CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_BUSY = 4409  # application code: the session is live on another connection
 READY_HISTORY_TURNS = 50  # turns of text session.ready carries on resume
+VOICE_AUDIO_BITRATE = 24000  # the stored reference audio: Ogg/Opus (engines use the codes; this is the record)
 
 
 class Gateway:
@@ -102,6 +107,8 @@ class Gateway:
         self.codec_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="codec"
         )
+        self.quotas = Quotas(config.limits)
+        self.voice_slots = asyncio.Semaphore(config.limits.voice_creates_at_once)  # uploads decoded at once
 
     @property
     def aligner(self) -> Aligner | None:
@@ -127,24 +134,21 @@ class Gateway:
         """Word timing as session.ready tells it: exact (from the engine), estimated (an aligner's) or none."""
         return "exact" if self.engine.info.timing else "estimated" if self.aligner is not None else "none"
 
-    def authorized(self, ws: WebSocket) -> bool:
-        given = ws.query_params.get("token")
-        header = ws.headers.get("authorization", "")
-        if header[:7].lower() == "bearer ":
-            given = header[7:].strip()
-        return self.key_ok(given)
+    def principal(self, ws: Socket) -> Principal:
+        """Who the socket acts for. Raises ``AuthError``."""
+        return self.config.keys.authenticate(credential(ws.headers, ws.query_params))
 
-    def key_ok(self, given: str | None) -> bool:
-        key = self.config.api_key
-        if key is None:
-            return True
-        return given is not None and hmac.compare_digest(given.encode(), key.encode())
+    def live_connection(self, session: str, principal: Principal) -> Connection | None:
+        """The connection that has ``principal``'s tenant's ``session`` live in this process, if any."""
+        if principal.session not in (None, session):
+            return None
+        return next((c for c in self.connections if c.session is not None and c.session.id == session
+                     and c.principal.tenant == principal.tenant), None)
 
-    def live_connection(self, session: str) -> Connection | None:
-        """The connection that has ``session`` live in this process, if any."""
-        return next((c for c in self.connections if c.session is not None and c.session.id == session), None)
-
-    async def serve(self, ws: WebSocket) -> None:
+    async def serve(self, ws: Socket) -> None:
+        if not self.config.origin_policy.allows(ws.headers.get("origin"), ws.headers.get("host")):
+            await ws.close(CLOSE_POLICY)  # before accept: the handshake is answered 403
+            return
         conn = Connection(self, ws)
         self.connections.add(conn)
         self.metrics.connections_open.inc()
@@ -197,7 +201,7 @@ class _Gone(Exception):
 class Connection:
     """One socket. Holds no turn state of its own: the ``TurnMachine`` owns every turn; this class pumps it."""
 
-    def __init__(self, gateway: Gateway, ws: WebSocket) -> None:
+    def __init__(self, gateway: Gateway, ws: Socket) -> None:
         self.gw = gateway
         self.ws = ws
         self.limits = gateway.config.limits
@@ -208,7 +212,10 @@ class Connection:
         self.output = OutputFormat()
         self.sampling = Sampling()
         self.machine: TurnMachine | None = None
-        self.voices: dict[str, Voice] = {}
+        self.principal = Principal()
+        self.store = gateway.store  # the tenant's view, once authenticated
+        self._holds: list[Hold] = []  # quota counts (connection, session) released at the end
+        self.voices: dict[str, VoiceRef] = {}  # the session's speakers' voices (codes), never the audio
         self.clocks: dict[str, _PlaybackClock] = {}  # per context: each is paced on its own listener's clock
         self.probe: ReadProbe | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -245,11 +252,19 @@ class Connection:
         id, the client gets ``error internal`` (fatal) and a close, and everything is released."""
         self._task = asyncio.current_task()
         await self.ws.accept()
-        if not self.gw.authorized(self.ws):
-            await self._refuse("unauthorized", "missing or wrong API key", CLOSE_POLICY)
+        try:
+            self.principal = self.gw.principal(self.ws)
+        except AuthError as exc:
+            await self._refuse("unauthorized", str(exc), CLOSE_POLICY)
             return
+        self.store = self.gw.store.scoped(self.principal.namespace)
         if not self.gw.accepting:
             await self._refuse("internal", "server is shutting down; reconnect later", CLOSE_GOING_AWAY)
+            return
+        try:
+            self._holds.append(self.gw.quotas.hold("connections", self.principal.tenant, self.address))
+        except QuotaExceeded as exc:
+            await self._refuse("quota", str(exc), CLOSE_POLICY)
             return
         self.probe = ReadProbe.of(self.ws.scope)
         failure: BaseException | None = None
@@ -273,6 +288,13 @@ class Connection:
             failure = eg
         finally:
             await self._release(failure)
+            for hold in self._holds:
+                hold.release()
+
+    @property
+    def address(self) -> str:
+        client = self.ws.scope.get("client")
+        return str(client[0]) if client else "-"
 
     async def _refuse(self, code: str, message: str, close_code: int) -> None:
         """Refuse the connection with a fatal error, in the encoding of the client's first frame if one comes
@@ -327,11 +349,11 @@ class Connection:
                                  self.encoding, CLOSE_INTERNAL)
         self._report_lost("the connection ended before the store took them")  # e.g. cut off by a shutdown
         if self.session is not None:
-            self.gw.metrics.sessions_open.dec()
             try:
-                await self.gw.store.release(self.session.id, self.owner)
+                await self.store.release(self.session.id, self.owner)
             except StoreError as exc:
                 log.warning("session %s: could not release ownership (its lease runs out by itself): %s", self.sid, exc)
+            self.gw.metrics.sessions_open.dec()  # after the lease: a session counted closed is free to resume
         if self.ws.application_state is not WebSocketState.DISCONNECTED:
             try:
                 async with asyncio.timeout(2.0):
@@ -528,7 +550,7 @@ class Connection:
             await asyncio.sleep(0)  # a client's burst must not starve the writer and the send loop
 
     async def _on_frame(self, frame: bytes | str) -> None:
-        size = len(frame)
+        size = len(frame) if isinstance(frame, bytes) else _utf8_len(frame)  # limits are in bytes, for text too
         if size > self.limits.voice_message_bytes:
             self._send(Error("too_large", f"message of {size} bytes exceeds {self.limits.voice_message_bytes}"))
             return
@@ -582,11 +604,31 @@ class Connection:
     async def _start(self, msg: SessionStart) -> None:
         if self.session is not None:
             raise ProtocolError("bad_message", "session.start was already received on this connection")
+        bound = self.principal.session
+        if not self.principal.may("realtime"):
+            raise ProtocolError("unauthorized", "this token's scopes do not include realtime (sessions)", fatal=True)
+        if bound is not None and msg.session not in (None, bound):
+            raise ProtocolError("unauthorized", "this token is for another session", fatal=True)
         output, sampling = self._settings(msg.output, msg.sampling, OutputFormat(), Sampling())
         input_format = await self._input_settings(msg.input)
-        store = self.gw.store
-        session_id = msg.session or uuid.uuid4().hex
-        stored = await store.load_session(session_id) if msg.session else None
+        try:
+            session_hold = self.gw.quotas.hold("sessions", self.principal.tenant, self.address)
+        except QuotaExceeded as exc:
+            raise ProtocolError("quota", str(exc), fatal=True) from None
+        self._holds.append(session_hold)
+        try:
+            await self._open_session(msg, msg.session or bound, output, sampling, input_format)
+        except BaseException:
+            session_hold.release()
+            raise
+
+    async def _open_session(
+        self, msg: SessionStart, resume: str | None, output: OutputFormat, sampling: Sampling,
+        input_format: InputFormat | None,
+    ) -> None:
+        store = self.store
+        session_id = resume or uuid.uuid4().hex
+        stored = await store.load_session(session_id) if resume else None
         speakers = list(msg.speakers) if msg.speakers is not None else None
         if stored is not None:
             output, sampling = self._settings(msg.output, msg.sampling, *self._stored_settings(stored))
@@ -644,7 +686,7 @@ class Connection:
         """Take the session's ownership lease. A connection that just dropped may still be storing its last
         turn: wait for it a little (``busy_wait_ms``) before answering busy, so a quick reconnect just works."""
         deadline = time.monotonic() + self.limits.busy_wait_ms / 1000.0
-        while not await self.gw.store.acquire(session_id, self.owner, self.limits.lease_ms):
+        while not await self.store.acquire(session_id, self.owner, self.limits.lease_ms):
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
@@ -695,12 +737,13 @@ class Connection:
         for spec in speakers:
             if spec.voice is None or spec.voice in self.voices:
                 continue
-            voice = await self.gw.store.get_voice(spec.voice)
+            voice = await self.store.get_voice(spec.voice)
             if voice is None:
                 raise ProtocolError(
                     "bad_message", f"speaker {spec.speaker}: voice {spec.voice!r} is not registered (send voice.create)"
                 )
-            self.voices[spec.voice] = voice
+            voice = await with_codes(voice, self.gw.engine, self.store)  # encoded once if it has no codes yet
+            self.voices[spec.voice] = VoiceRef(voice=voice.voice, text=voice.text, codes=voice.codes)
 
     async def _update(self, msg: SessionUpdate) -> None:
         assert self.session is not None and self.machine is not None
@@ -710,6 +753,8 @@ class Connection:
         if msg.speakers is not None:
             await self._load_voices(list(msg.speakers))
             self.session.speakers = [Speaker(s.speaker, s.voice) for s in msg.speakers]
+            used = {s.voice for s in msg.speakers}
+            self.voices = {v: ref for v, ref in self.voices.items() if v in used}
         if self.call is not None and msg.output is not None:
             raise ProtocolError("bad_message", "a phone call is joined to this session: its output is the call's")
         input_format = await self._input_settings(msg.input)
@@ -720,7 +765,7 @@ class Connection:
                                timestamps=output.timestamps)
         self._configure_mix()
         self.session.output, self.session.sampling = output.to_wire(), _sampling_to_wire(sampling)
-        await self.gw.store.save_session(self.session)
+        await self.store.save_session(self.session)
         self._send(self._ready(resumed=True))
 
     async def _keep_lease(self) -> None:
@@ -729,8 +774,8 @@ class Connection:
         while True:
             await asyncio.sleep(period)
             try:
-                ok = await self.gw.store.refresh(self.session.id, self.owner, self.limits.lease_ms)
-                if not ok and not await self.gw.store.acquire(self.session.id, self.owner, self.limits.lease_ms):
+                ok = await self.store.refresh(self.session.id, self.owner, self.limits.lease_ms)
+                if not ok and not await self.store.acquire(self.session.id, self.owner, self.limits.lease_ms):
                     if self.machine is not None:
                         self._apply(self.machine.cancel(None))
                     self._fatal("busy", "another connection took over this session", CLOSE_BUSY)
@@ -741,6 +786,27 @@ class Connection:
     # ------------------------------------------------------------------ voices
 
     async def _create_voice(self, msg: VoiceCreate) -> None:
+        if not self.principal.may("voices"):
+            raise ProtocolError("unauthorized", "this token's scopes do not include voices (voice.create)")
+        try:
+            self.gw.quotas.voice_create(self.principal.tenant)
+        except QuotaExceeded as exc:
+            raise ProtocolError("quota", str(exc)) from None
+        async with self.gw.voice_slots:  # a few uploads decoded at once: peak memory stays bounded
+            voice, frames = await self._encode_voice(msg)
+        limits = self.limits
+        try:
+            await self.store.put_voice(voice, max_count=limits.voices_per_tenant, max_bytes=limits.voice_bytes_per_tenant)
+        except VoiceQuotaExceeded as exc:
+            quota = "voices_per_tenant" if exc.reason == "voice_count" else "voice_bytes_per_tenant"
+            raise ProtocolError("quota", f"quota {quota}: {exc}; replace or let expire a voice first") from None
+        if voice.voice in self.voices:  # a speaker of this session uses it: speak with the new one
+            self.voices[voice.voice] = VoiceRef(voice=voice.voice, text=voice.text, codes=voice.codes)
+        self.gw.metrics.voices.inc()
+        self._send(VoiceCreated(voice=voice.voice, seconds=voice.seconds, frames=frames))
+
+    async def _encode_voice(self, msg: VoiceCreate) -> tuple[Voice, int]:
+        """The upload as a voice record: its codes (engines clone from these) and its audio compressed (Ogg/Opus)."""
         loop = asyncio.get_running_loop()
         try:
             pcm, rate = await loop.run_in_executor(None, read_audio_bytes, msg.audio, msg.sample_rate or 16000)
@@ -757,20 +823,18 @@ class Connection:
             codes = await self.gw.engine.encode_voice(pcm, rate, msg.text)
         except EngineError as exc:
             raise ProtocolError("engine_unavailable", f"could not encode the reference: {exc}") from None
-        pcm16 = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        ogg = io.BytesIO()
+        await loop.run_in_executor(self.gw.codec_pool, write_ogg_opus, ogg, pcm, rate, VOICE_AUDIO_BITRATE)
         voice = Voice(
             voice=msg.voice or f"v-{uuid.uuid4().hex[:16]}",
             text=msg.text,
             seconds=round(seconds, 3),
-            sample_rate=rate,
-            audio=pcm16,
+            sample_rate=48000,  # Ogg/Opus decodes at 48 kHz
+            audio=ogg.getvalue(),
             codes=codes,
+            audio_format="ogg-opus",
         )
-        await self.gw.store.put_voice(voice)
-        self.voices[voice.voice] = voice
-        self.gw.metrics.voices.inc()
-        frames = int(codes.shape[-1]) if codes is not None else 0
-        self._send(VoiceCreated(voice=voice.voice, seconds=voice.seconds, frames=frames))
+        return voice, int(codes.shape[-1]) if codes is not None else 0
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -1111,9 +1175,9 @@ class Connection:
             assert self.session is not None and self.machine is not None
             try:
                 if pending.op == "append":
-                    await self.gw.store.append_turn(self.session.id, pending.turn)
+                    await self.store.append_turn(self.session.id, pending.turn)
                 else:
-                    await self.gw.store.amend_turn(self.session.id, pending.turn)
+                    await self.store.amend_turn(self.session.id, pending.turn)
             except WriteRejected as exc:  # Redis answered no (the session expired, or another writer): final
                 self._report_lost(f"the store refused turn {pending.turn.index} ({exc.reason}): {exc}")
                 self._send(Error("internal", f"turn {pending.turn.index} could not be stored ({exc}); this "
@@ -1152,11 +1216,16 @@ class Connection:
         assert self.session is not None
         refs: dict[int, VoiceRef] = {}
         for s in self.session.speakers:
-            voice = self.voices.get(s.voice) if s.voice else None
-            if voice is not None:
-                refs[s.speaker] = VoiceRef(voice=voice.voice, text=voice.text, codes=voice.codes)
+            ref = self.voices.get(s.voice) if s.voice else None
+            if ref is not None:
+                refs[s.speaker] = ref
         return refs
 
 
 def _sampling_to_wire(s: Sampling) -> dict[str, Any]:
     return {name: getattr(s, name) for name in Sampling.__dataclass_fields__}
+
+
+def _utf8_len(text: str) -> int:
+    """A text frame's size in bytes (what arrived on the wire), without encoding frames that are surely small."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -38,6 +39,9 @@ class Metrics:
         self.connection_failures = Counter(
             "shoal_connection_failures", "Connections ended by an internal failure (logged)", registry=r
         )
+        # leaks show here first (a soak run watches it stay flat); read on the event loop, at scrape time
+        Gauge("shoal_event_loop_tasks", "asyncio tasks alive on the gateway's event loop", registry=r).set_function(
+            _loop_tasks)
 
     def add_engine(self, stats: Callable[[], Mapping[str, float]]) -> None:
         """Export an engine's own counters (prefix cache, scheduler) as ``shoal_engine_*`` at scrape time."""
@@ -45,6 +49,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _loop_tasks() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped off the event loop: nothing to count
+        return float("nan")
 
 
 class _EngineCollector(Collector):

@@ -30,6 +30,7 @@ ERROR_CODES = frozenset(
         "busy",
         "limit",
         "unauthorized",
+        "quota",  # a tenant's or client address's quota is used up; the message names which
         "engine_unavailable",
         "internal",
     }
@@ -38,6 +39,11 @@ ERROR_CODES = frozenset(
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # whole string: fullmatch
 MAX_SPEAKER = 63  # speaker indices are 0..63
 MAX_SPEAKERS = 16  # entries in a speakers list
+
+
+def valid_id(value: str) -> bool:
+    """Is this a well-formed id (session, voice, context, tenant)? The whole string must match: ``abc\\n`` is not."""
+    return _ID_RE.fullmatch(value) is not None
 
 
 class Encoding(Enum):
@@ -436,7 +442,7 @@ class _Fields:
 
     def id_(self, name: str) -> str | None:
         value = self.str_(name)
-        if value is not None and not _ID_RE.fullmatch(value):
+        if value is not None and not valid_id(value):
             raise ProtocolError(
                 "bad_message", f"{self.mtype}.{name} must be 1-64 characters of A-Z a-z 0-9 _ . : - (got {value!r})"
             )
@@ -609,4 +615,5 @@ __all__ = [
     "decode_server",
     "encode",
     "to_wire",
+    "valid_id",
 ]

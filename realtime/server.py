@@ -26,15 +26,16 @@ import uvicorn
 
 from engine.alignment import ProportionalAligner
 from engine.base import Synthesizer
-from engine.espeak import EspeakConfig, EspeakSynthesizer
-from engine.pool import PoolEngine
+from engine.registry import make_engine
 from realtime.app import create_app
 from realtime.config import ServerConfig
 from realtime.gateway import Gateway
-from realtime.workers import LocalWorkers, RegistryMembers, WorkerSupervisor
+from realtime.guards import GuardedEventLoop, handshake_guarded
+from realtime.logs import rate_limit_handlers
+from realtime.worker_process import LocalWorkers, RegistryMembers, WorkerSupervisor
 from sessions.embedded import EmbeddedRedis, default_data_dir, find_redis_server
 from sessions.store import SessionStore
-from sessions.workers import WorkerRegistry
+from sessions.registry import WorkerRegistry
 
 log = logging.getLogger("shoal.server")
 
@@ -110,13 +111,15 @@ def serve(
             worker_pool = workers.pool
             addresses = ", ".join(f"{c.worker_id} at {c.address}" for c in supervisor.children)
             pool_desc = f"{workers.count} local engine workers in pool {workers.pool} ({addresses})"
+        # one Redis connection pool for the process: the store's, connected and closed in the app's lifespan; the
+        # worker registry the pool reads is a guest on it
+        store = SessionStore(redis_url, session_ttl_s=config.session_ttl_s)
         if worker_pool is not None:
-            engine = PoolEngine(RegistryMembers(WorkerRegistry(redis_url, pool=worker_pool)))
+            engine = make_engine("pool", source=RegistryMembers(WorkerRegistry(store.redis, pool=worker_pool)))
             pool_desc = pool_desc or f"engine workers of pool {worker_pool}"
         assert engine is not None
-        store = SessionStore(redis_url, session_ttl_s=config.session_ttl_s)
         # estimated word timing for an engine without its own (S2 Pro): the built-in voice's, spread over its audio
-        aligner = ProportionalAligner(EspeakSynthesizer(EspeakConfig(workers=min(2, os.cpu_count() or 1))))
+        aligner = ProportionalAligner(make_engine("espeak", workers=min(2, os.cpu_count() or 1)))
         app = create_app(config, engine, store, None if embedded is None else lambda: embedded.status()._asdict(),
                          aligner=aligner)
         if embedded is not None:
@@ -135,7 +138,10 @@ def serve(
             ws_ping_timeout=config.limits.send_timeout_s + 3.0,
             timeout_graceful_shutdown=2,
             lifespan="on",
+            # a connection must finish its request head in time (uvicorn has no header timeout of its own)
+            http=handshake_guarded(config.limits.handshake_timeout_s),
         )
+        rate_limit_handlers([None, "uvicorn", "uvicorn.access"])  # after uvicorn.Config set its handlers up
         server: _Server
 
         def announce() -> None:
@@ -150,7 +156,8 @@ def serve(
             out.flush()
 
         server = _Server(uv_config, app.state.gateway, config.shutdown_timeout_s, announce)
-        asyncio.run(server.serve())
+        with asyncio.Runner(loop_factory=GuardedEventLoop) as runner:  # backs off accepting when out of fds
+            runner.run(server.serve())
         return 0 if server.started else 1
     finally:
         if supervisor is not None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from realtime.auth import AuthError
 from realtime.caller import InputFormat
 from realtime.protocol import Audio, CallStarted, CallStopped, Dtmf, InputRelay, ProtocolError
 
@@ -112,8 +113,12 @@ class TwilioCall:
         self.call_sid = str(start.get("callSid") or "")
         raw = start.get("customParameters")
         parameters = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
-        if not self.gw.key_ok(parameters.get("token")):
-            log.warning("call %s refused: missing or wrong token in customParameters", self.call_sid)
+        try:
+            principal = self.gw.config.keys.authenticate(parameters.get("token"))
+            if not principal.may("realtime"):
+                raise AuthError("the token's scopes do not include realtime")
+        except AuthError as exc:
+            log.warning("call %s refused: customParameters.token: %s", self.call_sid, exc)
             await self.ws.close(CLOSE_POLICY, "unauthorized")
             return False
         media = start.get("mediaFormat")
@@ -123,7 +128,7 @@ class TwilioCall:
             await self.ws.close(CLOSE_POLICY, "unsupported media format")
             return False
         session = parameters.get("session", "")
-        conn = self.gw.live_connection(session) if session else None
+        conn = self.gw.live_connection(session, principal) if session else None
         if conn is None:
             log.warning("call %s refused: session %r is not live on this server (the application must have it open "
                         "on /v1/realtime first)", self.call_sid, session)

@@ -43,9 +43,12 @@ class Voice:
     text: str  # transcript
     seconds: float
     sample_rate: int
-    audio: bytes  # reference audio as PCM16 mono little-endian at sample_rate
+    audio: bytes  # the reference audio, as `audio_format` says
     codes: np.ndarray | None = None  # (10, frames) int16 for cloning engines; encoded once at registration
     created_at: float = field(default_factory=time.time)
+    # "ogg-opus": an Ogg/Opus file (what the gateway stores: compact); "pcm16": PCM16 mono little-endian at
+    # sample_rate (records written before voices were compressed)
+    audio_format: str = "pcm16"
 
 
 @dataclass

@@ -13,14 +13,10 @@ from typing import Any, TypeVar
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
 
+from sessions.errors import StoreError
 from sessions.model import SCHEMA_VERSION, TURN_STATES, Session, Speaker, Turn, Voice
 
-
-class StoreError(Exception):
-    """The session store failed: Redis unreachable or timed out, a rejected write, or a record that does not decode.
-
-    Defined here, next to the decoder that also raises it; `sessions.store.StoreError` is the same class.
-    """
+__all__ = ["decode", "encode"]
 
 
 R = TypeVar("R", Session, Turn, Voice)
@@ -65,6 +61,7 @@ def encode(record: Session | Turn | Voice) -> bytes:
             "audio": bytes(record.audio),
             "codes": _encode_codes(record.codes),
             "created_at": record.created_at,
+            "audio_format": record.audio_format,  # added within schema 1: absent in older records (pcm16)
         }
     else:
         raise TypeError(f"cannot encode {type(record).__name__}")
@@ -128,6 +125,7 @@ def decode(data: bytes, kind: type[R]) -> R:
                 audio=_typed(obj["audio"], bytes),
                 codes=_decode_codes(obj["codes"]),
                 created_at=float(obj["created_at"]),
+                audio_format=_typed(obj.get("audio_format", "pcm16"), str),
             )
     except (KeyError, TypeError, ValueError) as e:
         raise StoreError(f"malformed {name} record: {e!r}") from e

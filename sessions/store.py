@@ -5,7 +5,10 @@ Layout (every key of a session shares a Redis Cluster hash tag, so multi-key scr
     {prefix}:s:{<id>}:meta    hash: record (msgpack Session), turns (count), updated_at
     {prefix}:s:{<id>}:turns   list of msgpack Turn, index i at position i
     {prefix}:s:{<id>}:owner   string: the owner id holding the session's live connection, with a lease (PX)
-    {prefix}:v:{<id>}         string: msgpack Voice
+    {{prefix}:v}:<id>         string: msgpack Voice (codes + compressed reference audio)
+    {{prefix}:v}:index        hash: voice id -> "bytes:expires_at_ms", the quota's count (voices of a tenant share a slot)
+
+A tenant's keys live under a prefix of its own (`scoped`): `{prefix}:t:<tenant>`, so no tenant reaches another's.
 
 Every write of a session refreshes the TTL of its meta and turns keys (the owner key has its own lease instead).
 Multi-key writes are Lua scripts, so they are atomic. Every Redis failure is raised as `StoreError`; socket timeouts
@@ -29,21 +32,21 @@ buffers when it resumes), so the retry must carry the same record, not a newer o
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from sessions.connection import RedisConnection
+from sessions.errors import StoreError
 from sessions.model import Session, Turn, Voice
-from sessions.serialize import StoreError, decode, encode
+from sessions.serialize import decode, encode
 
-__all__ = ["SessionKeys", "SessionStore", "StoreError", "WriteRejected"]
+__all__ = ["SessionKeys", "SessionStore", "StoreError", "VoiceQuotaExceeded", "WriteRejected"]
 
 # KEYS: meta, turns. ARGV: record, updated_at, ttl_ms.
 # Returns 1 if created, 2 if the id exists with this very record (a retried create), 0 if it exists otherwise.
@@ -102,6 +105,36 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {1, n}
 """
 
+# KEYS: voice, index. ARGV: id, record, ttl_ms (0: none), now_ms, max_count, max_bytes.
+# Stores (or replaces) a voice if the tenant stays within its quota; index entries of expired voices are pruned.
+# Returns {1, count, bytes} stored (the totals after), {0, count, bytes} over the count, {-1, count, bytes} over bytes.
+_PUT_VOICE = """
+local now, size, ttl = tonumber(ARGV[4]), string.len(ARGV[2]), tonumber(ARGV[3])
+local entries = redis.call('HGETALL', KEYS[2])
+local count, bytes = 0, 0
+for i = 1, #entries, 2 do
+  local n, exp = string.match(entries[i + 1], '^(%d+):(%d+)$')
+  n, exp = tonumber(n), tonumber(exp)
+  if exp ~= 0 and exp <= now then
+    redis.call('HDEL', KEYS[2], entries[i])
+  elseif entries[i] ~= ARGV[1] then
+    count, bytes = count + 1, bytes + n
+  end
+end
+if count + 1 > tonumber(ARGV[5]) then return {0, count, bytes} end
+if bytes + size > tonumber(ARGV[6]) then return {-1, count, bytes} end
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+  redis.call('HSET', KEYS[2], ARGV[1], size .. ':' .. (now + ttl))
+  if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[1], size .. ':0')
+  redis.call('PERSIST', KEYS[2])
+end
+return {1, count + 1, bytes + size}
+"""
+
 # KEYS: owner. ARGV: owner, lease_ms. Takes a free lease or extends our own.
 _ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
@@ -143,6 +176,15 @@ class WriteRejected(StoreError):
         self.count = count
 
 
+class VoiceQuotaExceeded(WriteRejected):
+    """A tenant's voices would pass its quota (reason "voice_count" or "voice_bytes"); `count` and `stored_bytes`
+    are what the tenant has stored now."""
+
+    def __init__(self, message: str, *, reason: str, count: int, stored_bytes: int) -> None:
+        super().__init__(message, reason=reason, count=count)
+        self.stored_bytes = stored_bytes
+
+
 class SessionKeys(NamedTuple):
     meta: str
     turns: str
@@ -150,11 +192,14 @@ class SessionKeys(NamedTuple):
 
 
 class SessionStore:
-    """A narrow async interface to sessions in Redis over one connection pool (`connect` ... `aclose`)."""
+    """A narrow async interface to sessions in Redis over one connection pool (`connect` ... `aclose`).
+
+    `redis`: a URL, or the process's shared `RedisConnection` (see `sessions.connection`); the store owns it either
+    way: `connect` makes its pool, `aclose` releases it."""
 
     def __init__(
         self,
-        url: str,
+        redis: str | RedisConnection,
         *,
         session_ttl_s: int = 86400,
         voice_ttl_s: int | None = 30 * 86400,
@@ -165,15 +210,16 @@ class SessionStore:
             raise ValueError("session_ttl_s must be positive")
         if voice_ttl_s is not None and voice_ttl_s <= 0:
             raise ValueError("voice_ttl_s must be positive or None (no expiry)")
-        if socket_timeout_s <= 0:
-            raise ValueError("socket_timeout_s must be positive")
-        self.url = url
+        if not isinstance(redis, RedisConnection):
+            redis = RedisConnection(redis, socket_timeout_s=socket_timeout_s)
+        self.redis = redis
+        self.url = self.redis.url
         self.session_ttl_s = session_ttl_s
         self.voice_ttl_s = voice_ttl_s
         self.key_prefix = key_prefix
-        self.socket_timeout_s = socket_timeout_s
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
+        self._namespace: str | None = None  # set on a tenant's view (`scoped`)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -181,14 +227,7 @@ class SessionStore:
         """Make the connection pool and check that Redis answers (raises `StoreError` if it does not)."""
         if self._redis is not None:
             return
-        client = aioredis.Redis.from_url(
-            self.url,
-            socket_timeout=self.socket_timeout_s,
-            socket_connect_timeout=self.socket_timeout_s,
-            # One quick retry on a connection error only: it replaces a pooled connection that a Redis restart
-            # closed. Timeouts are not retried, so an outage surfaces after one socket timeout.
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1, supported_errors=(RedisConnectionError,)),
-        )
+        client = await self.redis.connect()
         self._scripts = {
             name: client.register_script(src)
             for name, src in [
@@ -199,6 +238,7 @@ class SessionStore:
                 ("acquire", _ACQUIRE),
                 ("refresh", _REFRESH),
                 ("release", _RELEASE),
+                ("put_voice", _PUT_VOICE),
             ]
         }
         self._redis = client
@@ -209,10 +249,8 @@ class SessionStore:
             raise
 
     async def aclose(self) -> None:
-        client, self._redis = self._redis, None
-        if client is not None:
-            with _errors("close"):
-                await client.aclose()
+        self._redis = None
+        await self.redis.aclose()
 
     async def __aenter__(self) -> SessionStore:
         await self.connect()
@@ -222,6 +260,16 @@ class SessionStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+    def scoped(self, namespace: str | None) -> SessionStore:
+        """A view of this store whose keys live under ``{prefix}:t:<namespace>`` (a tenant's own); ``None``: this
+        store. The view shares the connection pool: connect and close the original only."""
+        if namespace is None:
+            return self
+        view = copy.copy(self)
+        view.key_prefix = f"{self.key_prefix}:t:{namespace}"
+        view._namespace = namespace
+        return view
 
     async def ping(self) -> None:
         with _errors("PING"):
@@ -234,7 +282,10 @@ class SessionStore:
         return SessionKeys(f"{base}:meta", f"{base}:turns", f"{base}:owner")
 
     def voice_key(self, voice_id: str) -> str:
-        return f"{self.key_prefix}:v:{{{voice_id}}}"
+        return f"{{{self.key_prefix}:v}}:{voice_id}"
+
+    def voice_index_key(self) -> str:
+        return f"{{{self.key_prefix}:v}}:index"
 
     # -- sessions --------------------------------------------------------------------------------------------------
 
@@ -322,15 +373,32 @@ class SessionStore:
 
     # -- voices ----------------------------------------------------------------------------------------------------
 
-    async def put_voice(self, voice: Voice) -> None:
-        """Store (or replace) a voice by id, with `voice_ttl_s` (None: kept until deleted)."""
-        px = None if self.voice_ttl_s is None else self.voice_ttl_s * 1000
+    async def put_voice(self, voice: Voice, *, max_count: int = 1 << 30, max_bytes: int = 1 << 62) -> int:
+        """Store (or replace) a voice by id, with `voice_ttl_s` (None: kept until deleted), if this namespace then
+        holds at most `max_count` voices of at most `max_bytes` stored bytes (a replaced voice no longer counts).
+        Returns the record's size in bytes. Raises `VoiceQuotaExceeded` (nothing written) if it would not fit."""
+        record = encode(voice)
+        ttl_ms = 0 if self.voice_ttl_s is None else self.voice_ttl_s * 1000
         with _errors("put_voice"):
-            await self._client.set(self.voice_key(voice.voice), encode(voice), px=px)
+            status, count, stored = await self._eval(
+                "put_voice", keys=[self.voice_key(voice.voice), self.voice_index_key()],
+                args=[voice.voice, record, ttl_ms, int(time.time() * 1000), max_count, max_bytes],
+            )
+        status, count, stored = int(status), int(count), int(stored)
+        if status == 0:
+            raise VoiceQuotaExceeded(f"{count} voices are stored, the most allowed is {max_count}",
+                                     reason="voice_count", count=count, stored_bytes=stored)
+        if status == -1:
+            raise VoiceQuotaExceeded(
+                f"{stored} bytes of voices are stored; {len(record)} more would pass the {max_bytes} allowed",
+                reason="voice_bytes", count=count, stored_bytes=stored)
+        return len(record)
 
     async def get_voice(self, voice_id: str) -> Voice | None:
         with _errors("get_voice"):
             data = await self._client.get(self.voice_key(voice_id))
+            if data is None and self._namespace is None:  # stored before voices had an index (not counted)
+                data = await self._client.get(f"{self.key_prefix}:v:{{{voice_id}}}")
         return None if data is None else decode(_bytes(data), Voice)
 
     # -- internals -------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 // and exposes `window.shoal` for automation (say / cancel / stats / scene).
 //
 // Page address options: ?session=ID resumes a session (the page keeps it there, so a reload resumes),
-// ?token=KEY for a server started with --api-key, ?wire=json for JSON text frames instead of msgpack,
+// ?token=TOKEN for a server started with API keys (a short-lived token from POST /v1/tokens or `shoal token`,
+// see web/README.md; not the API key itself), ?wire=json for JSON text frames instead of msgpack,
 // ?codec=pcm16 to skip WebCodecs and take PCM16 (what a browser without WebCodecs Opus gets anyway),
 // ?mode=scene to open in scene mode, ?timestamps=none|words|visemes for the word timing asked for (default
 // visemes: the live caption follows the words, the mouth the visemes).

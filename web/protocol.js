@@ -25,7 +25,7 @@ export const PROTOCOL_VERSION = 1;
 
 export const ERROR_CODES = Object.freeze([
   "bad_message", "unknown_type", "too_large", "not_started", "busy", "limit", "unauthorized",
-  "engine_unavailable", "internal",
+  "quota", "engine_unavailable", "internal",
 ]);
 
 export const MAX_SPEAKER = 63; // speaker indices are 0..63

@@ -2,7 +2,9 @@
 
 One thread owns the model and calls :meth:`Scheduler.step` (or :meth:`Scheduler.run`, which steps while there is
 work); any thread may :meth:`~Scheduler.submit`, :meth:`~Scheduler.take` and :meth:`~Scheduler.cancel`. Requests
-join and leave between steps. One step is schedule, run, postprocess:
+join and leave between steps. One step is :meth:`Scheduler.schedule` (bookkeeping: queues, slots, the prefix
+cache; it returns a :class:`Batch`), :meth:`ModelRunner.run` (the model alone: tensors in, frame columns out; it
+knows no queue, slot policy or cache) and :meth:`Scheduler.postprocess` (bookkeeping again):
 
 - schedule: finish the sequences cancelled since the last step (cancel takes effect at the next step); admit
   waiting sequences while a slot is free. A slot is one row of the slow AR's KV cache, a sequence's for its whole
@@ -66,7 +68,8 @@ from engine.dualar.model import DualAR, Slots
 from engine.dualar.prefix_cache import Node, PrefixCache, RadixCache
 from engine.dualar.sampling import RAS_WINDOW, Sampler, main_token_ids
 
-__all__ = ["FinishReason", "Scheduler", "SchedulerConfig", "Sequence", "StepResult", "Taken"]
+__all__ = ["Batch", "FinishReason", "ModelRunner", "Ran", "Scheduler", "SchedulerConfig", "Sequence", "StepResult",
+           "Taken"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class SchedulerConfig:
     prefix_cache: bool = True
     prefix_cache_bytes: int = 1 << 30
     cuda_graphs: bool = True  # decode through CUDA graphs when the model is on CUDA (ignored elsewhere)
+    allow_end: bool = True  # False: <|im_end|> is never drawn (fixed-length measurements with random weights)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_size <= 1024:
@@ -143,6 +147,28 @@ class Taken(NamedTuple):
     error: str | None
 
 
+class Batch(NamedTuple):
+    """What one step runs, as :meth:`Scheduler.schedule` picked it."""
+
+    decode: list[Sequence]  # sequences past their prompt stepping one position (their last frame fed back)
+    prefill: list[tuple[Sequence, int, int]]  # (sequence, start, end): prompt positions prefilled this step
+    finished: int  # sequences finished while scheduling (cancelled)
+
+    @property
+    def first(self) -> list[Sequence]:
+        """Sequences whose prompt is complete after this step: they make their first frame in it."""
+        return [seq for seq, _, end in self.prefill if end == seq.prompt_len]
+
+
+class Ran(NamedTuple):
+    """What :meth:`ModelRunner.run` made: a frame for each of ``rows`` (the decode batch and the first frames)."""
+
+    rows: list[Sequence]
+    columns: Tensor  # (len(rows), 1 + C) on the CPU
+    windows: Tensor | None = None  # (len(rows), RAS_WINDOW) the eager step's RAS windows (the graphs keep theirs)
+    frame: Frame | None = None  # the eager step's logits and hidden states (traces)
+
+
 class StepResult(NamedTuple):
     prefilled: int  # prompt positions prefilled
     decoded: int  # sequences in the decode batch
@@ -163,7 +189,7 @@ class Scheduler:
         decoder: GraphedDecoder | None = None,
     ):
         self.model, self.config = model, config or SchedulerConfig()
-        cfg, mc = self.config, model.config
+        cfg = self.config
         if model.max_batch_size < cfg.max_batch_size or model.slow.cache_len == 0:
             model.setup_caches(cfg.max_batch_size, model.slow.cache_len or None)
         self.cache_len = model.slow.cache_len
@@ -171,7 +197,6 @@ class Scheduler:
             cache = RadixCache(cfg.prefix_cache_bytes)
         self.cache = cache if cfg.prefix_cache else None
         self.device = model.slow.norm.weight.device
-        self.main_ids = main_token_ids(mc.semantic_begin_id, mc.semantic_end_id, mc.im_end_id, self.device)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._free = list(range(cfg.max_batch_size))
@@ -182,7 +207,11 @@ class Scheduler:
         if decoder is not None and (decoder.model is not model or decoder.max_batch < cfg.max_batch_size
                                     or decoder.cache_len < self.cache_len):
             raise ValueError("the decoder must be built on this model with max_batch >= max_batch_size and its cache")
-        self.decoder = decoder
+        self.runner = ModelRunner(model, decoder, allow_end=cfg.allow_end)
+
+    @property
+    def decoder(self) -> GraphedDecoder | None:
+        return self.runner.decoder
 
     @property
     def graphed(self) -> bool:
@@ -281,7 +310,12 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> StepResult:
-        # schedule
+        """One step: schedule, run, postprocess."""
+        batch = self.schedule()
+        return self.postprocess(batch, self.runner.run(batch))
+
+    def schedule(self) -> Batch:
+        """Finish the cancelled, admit the waiting while a slot is free, pick the decode batch and the prefill."""
         with self._cond:
             cancelled = [s for s in self.running if s.cancelled]
             admitted: list[Sequence] = []
@@ -309,62 +343,20 @@ class Scheduler:
                 end = min(seq.prompt_len, seq.computed + budget)
                 prefill.append((seq, seq.computed, end))
                 budget -= end - seq.computed
-        if self.decoder is not None:
-            return self._run_static(self.decoder, decode, prefill, finished)
+        return Batch(decode, prefill, finished)
 
-        # run
-        rows, hidden = list(decode), []
-        if decode:
-            columns = torch.stack([s.columns[-1] for s in decode])[:, :, None].to(self.device)  # (B, 1 + C, 1)
-            positions = torch.tensor([[s.computed] for s in decode], device=self.device)  # (B, 1)
-            kv_len = max(s.computed for s in decode) + 1
-            hidden.append(self.model.slow(columns, positions, self._slots(decode), kv_len)[:, -1])
-            for seq in decode:
-                seq.computed += 1
-        for seq, start, end in prefill:
-            chunk = seq.prompt[None, :, start:end].to(self.device)  # (1, 1 + C, n)
-            positions = torch.arange(start, end, device=self.device)[None]
-            h = self.model.slow(chunk, positions, slice(seq.slot, seq.slot + 1), end)[:, -1]
+    def postprocess(self, batch: Batch, ran: Ran) -> StepResult:
+        """Advance what ran, hand out the new frames, end the sequences that are done."""
+        for seq in batch.decode:
+            seq.computed += 1
+        for seq, start, end in batch.prefill:
             seq.computed = end
             self.prefilled_total += end - start
-            if end == seq.prompt_len:
-                rows.append(seq)
-                hidden.append(h)
-        made = 0
-        if rows:
-            sampler = self._sampler(rows)
-            frame = sample_frame(self.model, torch.cat(hidden), sampler)
-            made = len(rows)
-            finished += self._postprocess(rows, frame.column.cpu(), sampler.window, frame)
+        finished = batch.finished
+        if ran.rows:
+            finished += self._postprocess(ran.rows, ran.columns, ran.windows, ran.frame)
         self.steps_total += 1
-        return StepResult(sum(e - s for _, s, e in prefill), len(decode), made, finished)
-
-    def _run_static(
-        self, decoder: GraphedDecoder, decode: list[Sequence], prefill: list[tuple[Sequence, int, int]], finished: int
-    ) -> StepResult:
-        """Run and postprocess the scheduled step through ``decoder``: chunks prefilled eagerly up to each prompt's
-        last position, then one replay for every row that makes a frame (``decode``, and prompts now complete)."""
-        first: list[Sequence] = []
-        for seq, start, end in prefill:
-            stop = min(end, seq.prompt_len - 1)  # the last position goes through the graph, with the decode batch
-            if stop > start:
-                chunk = seq.prompt[None, :, start:stop].to(self.device)  # (1, 1 + C, n)
-                positions = torch.arange(start, stop, device=self.device)[None]
-                self.model.slow(chunk, positions, slice(seq.slot, seq.slot + 1), stop)
-                seq.computed = stop
-            self.prefilled_total += end - start
-            if end == seq.prompt_len:
-                first.append(seq)
-        rows = sorted(decode + first, key=lambda s: s.slot)
-        made = 0
-        if rows:
-            columns = _static_step(decoder, rows, first)  # (len(rows), 1 + C) on the CPU
-            for seq in rows:
-                seq.computed += 1
-            made = len(rows)
-            finished += self._postprocess(rows, columns)
-        self.steps_total += 1
-        return StepResult(sum(e - s for _, s, e in prefill), len(decode), made, finished)
+        return StepResult(sum(e - s for _, s, e in batch.prefill), len(batch.decode), len(ran.rows), finished)
 
     # ---- helpers (model thread)
 
@@ -377,37 +369,14 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> None:
         seq.slot = heapq.heappop(self._free)
-        seq.window = torch.full((RAS_WINDOW,), -1, dtype=torch.long, device=self.device)
         if self.cache is not None:
             match = self.cache.match_prefix(seq.prompt[:, :-1])
             self.cache.lock(match.node)
-            seq.node, position = match.node, 0
-            for values in match.values:
-                self.model.slow.write_kv(seq.slot, position, values)
-                position += values.shape[3]
+            seq.node = match.node
+            self.runner.load_prefix(seq.slot, match.values)
             seq.computed = seq.reused = match.length
-        if self.decoder is not None:
-            self.decoder.configure(seq.slot, seq.sampling, seed=_seed(seq))
+        self.runner.admit(seq)
         self.running.append(seq)
-
-    def _slots(self, rows: list[Sequence]) -> Slots:
-        slots = [s.slot for s in rows]
-        if slots == list(range(slots[0], slots[0] + len(slots))):
-            return slice(slots[0], slots[0] + len(slots))
-        return torch.tensor(slots, device=self.device)
-
-    def _sampler(self, rows: list[Sequence]) -> Sampler:
-        generators = [s.generator for s in rows]
-        windows = [s.window for s in rows if s.window is not None]
-        assert len(windows) == len(rows), "admitted sequences have a RAS window"
-        c = self.model.config
-        return Sampler(
-            [s.sampling for s in rows],
-            main_ids=self.main_ids,
-            semantic_range=(c.semantic_begin_id, c.semantic_end_id),
-            generator=None if all(g is None for g in generators) else generators,
-            window=torch.stack(windows),
-        )
 
     def _postprocess(
         self, rows: list[Sequence], columns: Tensor, windows: Tensor | None = None, frame: Frame | None = None
@@ -447,8 +416,7 @@ class Scheduler:
         if seq.slot >= 0:
             if self.cache is not None:
                 if store and seq.computed > 0:
-                    slot = seq.slot
-                    self.cache.insert_prefix(self._computed_key(seq), lambda a, b: self.model.slow.read_kv(slot, a, b))
+                    self.cache.insert_prefix(self._computed_key(seq), self.runner.kv_reader(seq.slot))
                 if seq.node is not None:
                     self.cache.unlock(seq.node)
                     seq.node = None
@@ -469,6 +437,105 @@ class Scheduler:
         return torch.cat([seq.prompt, torch.stack(seq.columns[:fed], dim=1)], dim=1)
 
 
+class ModelRunner:
+    """The model side of a step (nano-vllm's ``ModelRunner``): runs a :class:`Batch` and returns frame columns.
+
+    It reads each sequence's prompt, position, slot and sampling state but advances none of them (the scheduler's
+    postprocess does); it owns what is in the KV cache rows (prefix copies in and out) and, on CUDA, the captured
+    decode step. ``decoder``: the static step (a :class:`GraphedDecoder`), or None for the eager one."""
+
+    def __init__(self, model: DualAR, decoder: GraphedDecoder | None = None, *, allow_end: bool = True) -> None:
+        self.model, self.decoder, self.allow_end = model, decoder, allow_end
+        c = model.config
+        self.device = model.slow.norm.weight.device
+        self.main_ids = main_token_ids(c.semantic_begin_id, c.semantic_end_id, c.im_end_id, self.device)
+        if not allow_end:
+            self.main_ids = self.main_ids[self.main_ids != c.im_end_id]
+
+    # ---- slots
+
+    def admit(self, seq: Sequence) -> None:
+        """A sequence took its slot: a fresh RAS window, and its settings in the graphed step's row."""
+        seq.window = torch.full((RAS_WINDOW,), -1, dtype=torch.long, device=self.device)
+        if self.decoder is not None:
+            self.decoder.configure(seq.slot, seq.sampling, seed=_seed(seq), allow_end=self.allow_end)
+
+    def load_prefix(self, slot: int, values: list[Tensor]) -> None:
+        """Copy a prefix-cache match (its KV, oldest first) into the start of ``slot``."""
+        position = 0
+        for kv in values:
+            self.model.slow.write_kv(slot, position, kv)
+            position += kv.shape[3]
+
+    def kv_reader(self, slot: int) -> Callable[[int, int], Tensor]:
+        """Positions [a, b) of ``slot``'s KV, for the prefix cache to copy out."""
+        return lambda a, b: self.model.slow.read_kv(slot, a, b)
+
+    # ---- run
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> Ran:
+        if self.decoder is not None:
+            return self._run_static(self.decoder, batch)
+        decode, rows, hidden = batch.decode, list(batch.decode), []
+        if decode:
+            columns = torch.stack([s.columns[-1] for s in decode])[:, :, None].to(self.device)  # (B, 1 + C, 1)
+            positions = torch.tensor([[s.computed] for s in decode], device=self.device)  # (B, 1)
+            kv_len = max(s.computed for s in decode) + 1
+            hidden.append(self.model.slow(columns, positions, self._slots(decode), kv_len)[:, -1])
+        for seq, start, end in batch.prefill:
+            chunk = seq.prompt[None, :, start:end].to(self.device)  # (1, 1 + C, n)
+            positions = torch.arange(start, end, device=self.device)[None]
+            h = self.model.slow(chunk, positions, slice(seq.slot, seq.slot + 1), end)[:, -1]
+            if end == seq.prompt_len:
+                rows.append(seq)
+                hidden.append(h)
+        if not rows:
+            return Ran([], _NO_COLUMNS)
+        sampler = self._sampler(rows)
+        frame = sample_frame(self.model, torch.cat(hidden), sampler)
+        return Ran(rows, frame.column.cpu(), sampler.window, frame)
+
+    def _run_static(self, decoder: GraphedDecoder, batch: Batch) -> Ran:
+        """Chunks prefilled eagerly up to each prompt's last position, then one replay for every row that makes a
+        frame (the decode batch, and prompts now complete: their last position goes through the graph)."""
+        for seq, start, end in batch.prefill:
+            stop = min(end, seq.prompt_len - 1)
+            if stop > start:
+                chunk = seq.prompt[None, :, start:stop].to(self.device)  # (1, 1 + C, n)
+                positions = torch.arange(start, stop, device=self.device)[None]
+                self.model.slow(chunk, positions, slice(seq.slot, seq.slot + 1), stop)
+        first = batch.first
+        rows = sorted(batch.decode + first, key=lambda s: s.slot)
+        if not rows:
+            return Ran([], _NO_COLUMNS)
+        starting = {id(s) for s in first}
+        positions = [s.prompt_len - 1 if id(s) in starting else s.computed for s in rows]
+        return Ran(rows, _static_step(decoder, rows, positions, first))
+
+    def _slots(self, rows: list[Sequence]) -> Slots:
+        slots = [s.slot for s in rows]
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        return torch.tensor(slots, device=self.device)
+
+    def _sampler(self, rows: list[Sequence]) -> Sampler:
+        generators = [s.generator for s in rows]
+        windows = [s.window for s in rows if s.window is not None]
+        assert len(windows) == len(rows), "admitted sequences have a RAS window"
+        c = self.model.config
+        return Sampler(
+            [s.sampling for s in rows],
+            main_ids=self.main_ids,
+            semantic_range=(c.semantic_begin_id, c.semantic_end_id),
+            generator=None if all(g is None for g in generators) else generators,
+            window=torch.stack(windows),
+        )
+
+
+_NO_COLUMNS = torch.zeros(0, 0, dtype=torch.long)
+
+
 def _captured_decoder(model: DualAR, slots: int, cache_len: int) -> GraphedDecoder | None:
     """A decoder over ``slots`` cache rows with the step captured at every padded size; None (eager, with a
     warning) if capture fails, so a GPU the graphs do not work on still serves."""
@@ -481,17 +548,17 @@ def _captured_decoder(model: DualAR, slots: int, cache_len: int) -> GraphedDecod
     return decoder
 
 
-def _static_step(decoder: GraphedDecoder, rows: list[Sequence], first: list[Sequence]) -> Tensor:
+def _static_step(decoder: GraphedDecoder, rows: list[Sequence], positions: list[int], first: list[Sequence]) -> Tensor:
     """One replay for ``rows`` (their slots, any order): (len(rows), 1 + C) new frame columns on the CPU. Each row
-    feeds its slot's last column at position ``computed``; ``first`` rows (no frame yet) feed their prompt's last
-    column, put in their slot first. Slots up to the padded size that are not in ``rows`` are inactive."""
+    feeds its slot's last column at its position; ``first`` rows (no frame yet) feed their prompt's last column,
+    put in their slot first. Slots up to the padded size that are not in ``rows`` are inactive."""
     state, device = decoder.state, decoder.device
     slots = [s.slot for s in rows]
     n = max(slots) + 1
     size = bucket(n, decoder.sizes)
     pos = torch.full((size,), decoder.scratch, dtype=torch.long)  # (size,): inactive rows write at the scratch position
     active = torch.zeros(size, dtype=torch.bool)  # (size,)
-    pos[slots], active[slots] = torch.tensor([s.computed for s in rows]), True
+    pos[slots], active[slots] = torch.tensor(positions), True
     state.pos[:size].copy_(pos)
     state.active[:size].copy_(active)
     if first:

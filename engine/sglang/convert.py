@@ -29,7 +29,6 @@ import torch
 
 from engine.base import Sampling
 from engine.dualar.config import ModelConfig
-from engine.markup import plain_text
 from engine.sglang.keys import radix_keys
 
 __all__ = [
@@ -42,7 +41,6 @@ __all__ = [
     "TokenIds",
     "Update",
     "build_request",
-    "frame_budget",
     "sglang_sampling_params",
 ]
 
@@ -200,15 +198,6 @@ class SGLangRequest:
     @property
     def prompt_len(self) -> int:
         return len(self.input_ids)
-
-
-def frame_budget(text: str, *, per_char: float, base: int) -> int:
-    """A ceiling on the frames of one turn from its spoken length: a guard against runaway generation.
-
-    Speech runs at about 1.5 frames per character; the default guard (6 per character plus 32) never cuts real
-    speech short and stops a model that has lost the end token within seconds instead of minutes.
-    """
-    return base + math.ceil(per_char * len(plain_text(text)))
 
 
 def sglang_sampling_params(plan: RequestPlan, *, max_frames: int, im_end_id: int) -> dict[str, Any]:

@@ -1,17 +1,17 @@
-"""S2 Pro served by SGLang on a GPU, behind the engine interface (``engine.base.Synthesizer``).
+"""S2 Pro served by SGLang on a GPU: the shared front end (``engine.dualar.frontend``) over SGLang as its frame source.
 
 ``start`` checks the machine (a CUDA GPU and the pinned sglang, else :class:`~engine.sglang.guard.BackendUnavailable`
 naming what is missing), writes the shadow checkpoint SGLang loads, and starts ``sglang.Engine`` (its scheduler and
-detokenizer processes; the tokenizer manager runs on this process's event loop). Each ``synthesize`` call:
+detokenizer processes; the tokenizer manager runs on this process's event loop). The front end trims the history,
+builds the prompt, sets the frame budget and decodes the frames in growing chunks, exactly as for the torch backend;
+:class:`SGLangFrames`, the frame source, for each request:
 
-1. builds the S2 Pro prompt (``engine.dualar.prompt``) and its radix keys and plan (``convert``);
+1. turns the prompt into its radix keys and plan (``convert``);
 2. streams the request through ``Engine.async_generate``; SGLang batches it with every other running request, the
    model makes one frame per step for all of them inside one CUDA graph, and each frame comes back per step;
-3. decodes frames with the streaming codec as they arrive, in growing chunks (``first_chunk_frames``, doubling up to
-   ``max_chunk_frames``), off the event loop;
-4. when the consumer stops (closes the stream, or its task is cancelled), aborts the request at once: SGLang drops
+3. when the consumer stops (closes the stream, or its task is cancelled), aborts the request at once: SGLang drops
    it before its next step;
-5. after the turn, re-keys it in the cache (``warm_cache``): a one-token request whose prompt is this turn's prompt
+4. after the turn, re-keys it in the cache (``warm_cache``): a one-token request whose prompt is this turn's prompt
    plus its audio under frame keys, so the next turn of the conversation finds everything through this turn cached
    (see ``keys``). The next request of the same session waits briefly for it.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -40,14 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.base import AudioChunk, EngineError, EngineInfo, Sampling, SynthesisRequest
-from engine.markup import plain_text
+from engine.base import EngineError, Sampling
+from engine.dualar.frontend import FrontEndConfig, Loaded, S2ProSynthesizer
 from engine.sglang.checkpoint import MODEL_PACKAGE, ShadowCheckpoint, write_shadow_checkpoint
-from engine.sglang.convert import FrameCursor, SGLangRequest, TokenIds, build_request, frame_budget
-from engine.sglang.guard import BackendUnavailable, require_sglang_backend
+from engine.sglang.convert import FrameCursor, SGLangRequest, TokenIds, build_request
+from engine.sglang.guard import require_sglang_backend
 from engine.sglang.process import ChildMonitor, keep_signals, stop_engine, take_over
 
-__all__ = ["SGLangConfig", "SGLangSynthesizer", "engine_kwargs", "register_model_package"]
+__all__ = ["SGLangConfig", "SGLangFrames", "SGLangSynthesizer", "engine_kwargs", "register_model_package"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,8 @@ class SGLangConfig:
     chunked_prefill_size: int = 8192
     first_chunk_frames: int = 2  # the first audio chunk (1-4 frames: time to first audio)
     max_chunk_frames: int = 16
+    queue_chunks: int = 2  # decoded chunks waiting for the consumer
+    context_budget: int | None = None  # history positions kept in a prompt; default max_seq_len // 2
     frames_per_char: float = 6.0  # runaway guard: at most frame_budget_base + frames_per_char * characters
     frame_budget_base: int = 32
     warm_cache: bool = True  # re-key each finished turn in the radix cache for the session's next turn
@@ -94,14 +95,19 @@ class SGLangConfig:
             raise ValueError("mem_fraction_static must be within [0.1, 0.95]")
         if not 1 <= self.first_chunk_frames <= 4:
             raise ValueError("first_chunk_frames must be within [1, 4]")
-        if not self.first_chunk_frames <= self.max_chunk_frames <= 256:
-            raise ValueError("need first_chunk_frames <= max_chunk_frames <= 256")
-        if self.frames_per_char <= 0 or self.frame_budget_base < 1:
-            raise ValueError("frames_per_char must be > 0 and frame_budget_base >= 1")
         if self.codec_threads < 1 or self.gpu < 0 or self.warm_wait_s < 0:
             raise ValueError("codec_threads must be >= 1, gpu >= 0, warm_wait_s >= 0")
+        if self.context_budget is not None and not 1 <= self.context_budget < self.max_seq_len:
+            raise ValueError("context_budget must be within [1, max_seq_len)")
+        self.front_end()  # the shared settings are checked there
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < 256:
             raise ValueError("chunked_prefill_size must be -1 (off) or >= 256")
+
+    def front_end(self) -> FrontEndConfig:
+        return FrontEndConfig(first_chunk_frames=self.first_chunk_frames, max_chunk_frames=self.max_chunk_frames,
+                              queue_chunks=self.queue_chunks, context_budget=self.context_budget,
+                              frames_per_char=self.frames_per_char, frame_budget_base=self.frame_budget_base,
+                              decode_threads=self.codec_threads)
 
     @property
     def max_rows(self) -> int:
@@ -168,27 +174,52 @@ def register_model_package() -> Any:
 Launcher = Callable[[dict[str, Any]], Any]  # engine kwargs -> an object with sglang.Engine's methods used here
 
 
-class SGLangSynthesizer:
-    """``codec``: an ``engine.dualar.codec.Codec`` to use instead of loading one. ``launcher``: starts the engine
-    from :func:`engine_kwargs` (default: ``sglang.Engine``, after checking the GPU and sglang); the tests give an
-    in-process stand-in that runs the same model code on the CPU."""
+class SGLangSynthesizer(S2ProSynthesizer):
+    """S2 Pro on SGLang. ``codec``: an ``engine.dualar.codec.Codec`` to use instead of loading one. ``launcher``:
+    starts the engine from :func:`engine_kwargs` (default: ``sglang.Engine``, after checking the GPU and sglang); the
+    tests give an in-process stand-in that runs the same model code on the CPU."""
+
+    def __init__(self, config: SGLangConfig, *, codec: Any = None, launcher: Launcher | None = None) -> None:
+        self.config = config
+        self.frames = SGLangFrames(config, codec=codec, launcher=launcher)
+        super().__init__(self.frames, config.front_end())
+
+    @property
+    def _engine(self) -> Any:
+        return self.frames.engine
+
+    @property
+    def _ids(self) -> TokenIds | None:
+        return self.frames.ids
+
+    @property
+    def last_usage(self) -> collections.OrderedDict[str, tuple[int, int]]:
+        """Per session (or request id): prompt positions and how many of them came from SGLang's radix cache."""
+        return self.frames.last_usage
+
+    async def wait_warm(self) -> None:
+        """Until every cache warm-up in flight is done (benchmarks and tests)."""
+        await self.frames.wait_warm()
+
+
+class SGLangFrames:
+    """The frame source on SGLang: one ``sglang.Engine`` (its own processes), a request per stream."""
+
+    label = "s2pro (sglang)"
 
     def __init__(self, config: SGLangConfig, *, codec: Any = None, launcher: Launcher | None = None) -> None:
         self.config = config
         self._launcher = launcher
-        self.info = EngineInfo(name="s2pro", sample_rate=44100, cloning=True, frame_ms=1000.0 * 2048 / 44100)
-        self._error: str | None = "not started"
         self._codec = codec  # engine.dualar.codec.Codec; given, or loaded at start
-        self._engine: Any = None
+        self.engine: Any = None
+        self.ids: TokenIds | None = None
+        self._error: str | None = None  # "closed", or SGLang died
         self._monitor: ChildMonitor | None = None
         self._prompts: Any = None  # engine.dualar.prompt.PromptBuilder
-        self._ids: TokenIds | None = None
         self._processor: str | None = None
-        self._context = config.max_seq_len
         self._shadow_dir: Path | None = None
         self._owns_shadow_dir = False
-        self._executor = concurrent.futures.ThreadPoolExecutor(config.codec_threads, thread_name_prefix="s2pro-sgl")
-        self._closed = asyncio.Event()  # set by aclose: ends every stream in flight (binds to a loop on first use)
+        self._closed = asyncio.Event()  # set by aclose or SGLang's death: ends every stream in flight
         self._inflight: set[str] = set()
         self._warm: dict[str, asyncio.Task[None]] = {}
         self._counters: collections.Counter[str] = collections.Counter()
@@ -196,38 +227,17 @@ class SGLangSynthesizer:
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
-        if self._engine is not None:
-            return
-        if self._error == "closed":
-            raise EngineError("s2pro (sglang) engine is closed")
-        if self._launcher is None:
-            try:
-                require_sglang_backend()
-            except BackendUnavailable as exc:
-                self._error = str(exc)
-                raise
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
-        except EngineError as exc:
-            self._error = str(exc)
-            raise
-        except Exception as exc:  # SGLang's own start-up failures
-            self._error = f"{type(exc).__name__}: {exc}"
-            raise EngineError(f"SGLang failed to start: {self._error}") from exc
-        self._own_process()
-
-    def _own_process(self) -> None:
+    def bind_loop(self) -> None:
         """On the serving loop's thread: SGLang's loop set-up with Shoal's signal handlers kept, and Shoal's monitor
         of SGLang's processes instead of SGLang's SIGQUIT watchdog (``process``)."""
-        if self._engine is None or self._monitor is not None:
+        if self.engine is None or self._monitor is not None:
             return
         loop = asyncio.get_running_loop()
 
         def died(message: str) -> None:  # on the monitor's thread
             loop.call_soon_threadsafe(self._engine_died, message)
 
-        self._monitor = take_over(self._engine, died)
+        self._monitor = take_over(self.engine, died)
 
     def _engine_died(self, message: str) -> None:
         if self._error is not None:
@@ -236,14 +246,11 @@ class SGLangSynthesizer:
         self._error = f"SGLang engine died: {message}"
         self._closed.set()
 
-    def load(self) -> None:
+    def load(self) -> Loaded:
         """Blocking: shadow checkpoint, tokenizer, codec, then the SGLang engine (minutes: weights, CUDA graphs).
 
-        Callable before serving (the CLI does, so a missing GPU or sglang is an error before anything listens);
-        raises :class:`BackendUnavailable` / EngineError.
+        Raises :class:`BackendUnavailable` / EngineError.
         """
-        if self._engine is not None:
-            return
         if self._launcher is None:
             require_sglang_backend()
         from engine.dualar.prompt import PromptBuilder, load_tokenizer
@@ -263,8 +270,7 @@ class SGLangSynthesizer:
             max_slots=cfg.max_slots,
         )
         model_config = shadow.config
-        self._context = shadow.context_length
-        self._ids = TokenIds.of(model_config)
+        self.ids = TokenIds.of(model_config)
         if cfg.tokenizer or model_dir is not None:
             tokenizer = load_tokenizer(cfg.tokenizer or model_dir)  # type: ignore[arg-type]
         else:
@@ -277,18 +283,10 @@ class SGLangSynthesizer:
             num_codebooks=model_config.num_codebooks,
             codebook_size=model_config.codebook_size,
         )
-        device = f"cuda:{cfg.gpu}"
         if self._codec is None:
-            self._codec = self._load_codec(model_dir, device)
-        self.info = EngineInfo(
-            name="s2pro",
-            sample_rate=self._codec.sample_rate,
-            cloning=True,
-            frame_ms=1000.0 * self._codec.frame_samples / self._codec.sample_rate,
-        )
-        self._engine = (self._launcher or self._launch_sglang)(engine_kwargs(cfg, shadow))
-        self._error = None
-
+            self._codec = self._load_codec(model_dir, f"cuda:{cfg.gpu}")
+        self.engine = (self._launcher or self._launch_sglang)(engine_kwargs(cfg, shadow))
+        return Loaded(self._prompts, self._codec, shadow.context_length)
     def _launch_sglang(self, kwargs: dict[str, Any]) -> Any:
         import sglang
 
@@ -341,13 +339,12 @@ class SGLangSynthesizer:
         self._closed.set()
         for task in list(self._warm.values()):
             task.cancel()
-        engine, self._engine = self._engine, None
+        engine, self.engine = self.engine, None
         monitor, self._monitor = self._monitor, None
         if engine is not None:
             for rid in list(self._inflight):
                 self._abort(engine, rid)
             await asyncio.get_running_loop().run_in_executor(None, stop_engine, engine, monitor)
-        self._executor.shutdown(wait=False)  # decodes already queued finish; their streams then end
         if self._owns_shadow_dir and self._shadow_dir is not None:
             shutil.rmtree(self._shadow_dir, ignore_errors=True)
 
@@ -361,70 +358,18 @@ class SGLangSynthesizer:
 
     # ---------------------------------------------------------------------------------------- synthesis
 
-    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[AudioChunk]:
-        if self._error is not None or self._engine is None:
+    async def open(self, prompt: torch.Tensor, sampling: Sampling, *, session: str | None) -> _SGLangStream:
+        if self._error is not None or self.engine is None or self.ids is None:
             raise EngineError(f"s2pro (sglang) engine unavailable: {self._error or 'not started'}")
-        if not plain_text(request.text):
-            return
-        assert self._prompts is not None and self._ids is not None and self._codec is not None
-        cfg = self.config
-        await self._await_warm(request.session)
-        prompt = self._prompts.build_request(request)
-        room = self._context - prompt.shape[1] - 1
-        if room < 1:
-            raise EngineError(f"prompt of {prompt.shape[1]} positions does not fit the context ({self._context})")
-        frames = min(request.sampling.max_frames, room, frame_budget(request.text, per_char=cfg.frames_per_char,
-                                                                     base=cfg.frame_budget_base))
-        sreq = build_request(prompt, request.sampling, self._ids, max_frames=frames, allow_end=not cfg.ignore_end)
-        made: list[np.ndarray] = []
-        cursor = FrameCursor(self._ids)
-        decoder = self._codec.stream()
-        pending: list[np.ndarray] = []
-        size, finished = cfg.first_chunk_frames, False
+        await self._await_warm(session)
+        sreq = build_request(prompt, sampling, self.ids, allow_end=not self.config.ignore_end)
         self._counters["requests_total"] += 1
         self._inflight.add(sreq.rid)
-        outputs = self._outputs(sreq)
-        try:
-            async for out in outputs:
-                if self._error is not None:  # closed while this output was on its way
-                    break
-                update = cursor.feed(out)
-                if update.codes.shape[1]:
-                    made.append(update.codes)
-                    pending.append(update.codes)
-                    self._counters["frames_total"] += update.codes.shape[1]
-                    self._counters["ras_frames_total"] += update.ras
-                    if sum(p.shape[1] for p in pending) >= size:
-                        yield await self._decode(decoder, pending)
-                        pending, size = [], min(size * 2, cfg.max_chunk_frames)
-                if update.done:
-                    # a model-side failure ends the request on our side; SGLang may not know (a replayed graph)
-                    finished = update.reason != "error"
-                    self._record_usage(request.session or sreq.rid, update.prompt_tokens, update.cached_tokens)
-                    if update.reason == "error" or (update.reason == "cancelled" and self._error is None):
-                        raise EngineError(f"s2pro (sglang) synthesis failed: {update.error or update.reason}")
-                    break
-            if not finished and self._error not in (None, "closed"):  # the engine died under this stream
-                raise EngineError(f"s2pro (sglang) synthesis failed: {self._error}")
-            if pending and self._error is None:
-                yield await self._decode(decoder, pending)
-        except _Closed:
-            return
-        except EngineError:
-            raise
-        except Exception as exc:  # SGLang refusing the request, the codec failing: the stream's documented error
-            raise EngineError(f"s2pro (sglang) synthesis failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            self._inflight.discard(sreq.rid)
-            if not finished and self._engine is not None:
-                self._abort(self._engine, sreq.rid)
-            await outputs.aclose()
-            if made and self._error is None:
-                self._schedule_warm(request.session or sreq.rid, prompt, np.concatenate(made, axis=1))
+        return _SGLangStream(self, sreq, prompt, session or sreq.rid)
 
     async def _outputs(self, sreq: SGLangRequest) -> AsyncIterator[Mapping[str, Any]]:
         """SGLang's output dicts for one request, until it ends or the engine is closed."""
-        stream = await self._engine.async_generate(
+        stream = await self.engine.async_generate(
             input_ids=sreq.input_ids,
             sampling_params=sreq.sampling_params,
             stream=True,
@@ -452,16 +397,6 @@ class SGLangSynthesizer:
                 with contextlib.suppress(Exception):  # SGLang's stream of a finished or aborted request
                     await stream.aclose()
 
-    async def _decode(self, decoder: Any, parts: list[np.ndarray]) -> AudioChunk:
-        codes = np.concatenate(parts, axis=1).astype(np.int16)  # (10, k)
-        try:
-            pcm = await asyncio.get_running_loop().run_in_executor(self._executor, decoder.decode, codes)
-        except RuntimeError:  # the executor is shut down: the engine was closed
-            if self._error is None:
-                raise
-            raise _Closed from None
-        return AudioChunk(pcm=np.asarray(pcm, dtype=np.float32), codes=codes)
-
     def _abort(self, engine: Any, rid: str) -> None:
         try:
             engine.tokenizer_manager.abort_request(rid)
@@ -484,14 +419,14 @@ class SGLangSynthesizer:
 
     def _schedule_warm(self, key: str, prompt: torch.Tensor, codes: np.ndarray) -> None:
         """Prefill prompt + this turn's audio + ``<|im_end|>\\n`` under frame keys, so the next turn hits it."""
-        if not self.config.warm_cache or self._engine is None or self._ids is None:
+        if not self.config.warm_cache or self.engine is None or self.ids is None:
             return
         from engine.dualar.prompt import IM_END
 
         warm = torch.cat([prompt, self._prompts.audio(codes), self._prompts.text(f"{IM_END}\n")], dim=1)
-        if warm.shape[1] + 1 >= self._context:
+        if warm.shape[1] + 1 >= self.config.max_seq_len:
             return
-        sreq = build_request(warm, Sampling(temperature=0.0, seed=0, max_frames=1), self._ids, max_frames=1)
+        sreq = build_request(warm, Sampling(temperature=0.0, seed=0, max_frames=1), self.ids, max_frames=1)
         task = asyncio.ensure_future(self._warm_one(sreq))
         self._warm[key] = task
         task.add_done_callback(lambda t: self._warm.pop(key, None) if self._warm.get(key) is t else None)
@@ -499,7 +434,7 @@ class SGLangSynthesizer:
     async def _warm_one(self, sreq: SGLangRequest) -> None:
         started = time.perf_counter()
         try:
-            await self._engine.async_generate(
+            await self.engine.async_generate(
                 input_ids=sreq.input_ids,
                 sampling_params=sreq.sampling_params,
                 rid=sreq.rid,
@@ -524,18 +459,61 @@ class SGLangSynthesizer:
         if tasks:
             await asyncio.wait(tasks)
 
-    # ---------------------------------------------------------------------------------------- voices
-
-    async def encode_voice(self, pcm: np.ndarray, sample_rate: int, text: str) -> np.ndarray | None:
-        if self._codec is None:
-            raise EngineError("s2pro (sglang) engine is not started")
-        codec = self._codec
-
-        def encode() -> np.ndarray:
-            return np.asarray(codec.encode(pcm, sample_rate), dtype=np.int16)
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, encode)
 
 
-class _Closed(Exception):
-    """The engine was closed under a stream: it ends quietly."""
+class _SGLangStream:
+    """One SGLang request's frames, read from its stream of output dicts; closing it aborts the request (if still
+    running) and warms the cache with the turn."""
+
+    def __init__(self, source: SGLangFrames, sreq: SGLangRequest, prompt: torch.Tensor, key: str) -> None:
+        assert source.ids is not None
+        self.source, self.sreq, self.prompt, self.key = source, sreq, prompt, key
+        self.cursor = FrameCursor(source.ids)
+        self.outputs = source._outputs(sreq)
+        self.buffer: list[np.ndarray] = []  # frames received, not read yet: (C,) each
+        self.made: list[np.ndarray] = []  # every frame of the turn, for the cache warm-up
+        self.over = False  # no more outputs will be read
+        self.finished = False  # SGLang ended the request itself (not aborted)
+        self.closed = False
+
+    async def read(self, n: int) -> np.ndarray | None:
+        while not self.buffer and not self.over:
+            await self._receive()
+        if not self.buffer:
+            return None
+        taken, self.buffer = self.buffer[:n], self.buffer[n:]
+        return np.stack(taken, axis=1)
+
+    async def _receive(self) -> None:
+        source = self.source
+        out = await anext(self.outputs, None)
+        if out is None or source._error is not None:  # the stream ended, or closed while this output was on its way
+            self.over = True
+            if not self.finished and source._error not in (None, "closed"):  # the engine died under this stream
+                raise EngineError(f"s2pro (sglang) synthesis failed: {source._error}")
+            return
+        update = self.cursor.feed(out)
+        if update.codes.shape[1]:
+            self.made.append(update.codes)
+            self.buffer += list(update.codes.T)
+            source._counters["frames_total"] += update.codes.shape[1]
+            source._counters["ras_frames_total"] += update.ras
+        if update.done:
+            self.over = True
+            # a model-side failure ends the request on our side; SGLang may not know (a replayed graph)
+            self.finished = update.reason != "error"
+            source._record_usage(self.key, update.prompt_tokens, update.cached_tokens)
+            if update.reason == "error" or (update.reason == "cancelled" and source._error is None):
+                raise EngineError(f"s2pro (sglang) synthesis failed: {update.error or update.reason}")
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        source = self.source
+        source._inflight.discard(self.sreq.rid)
+        if not self.finished and source.engine is not None:
+            source._abort(source.engine, self.sreq.rid)
+        await self.outputs.aclose()
+        if self.made and source._error is None:
+            source._schedule_warm(self.key, self.prompt, np.concatenate(self.made, axis=1))

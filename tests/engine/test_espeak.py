@@ -36,7 +36,7 @@ async def espeak() -> AsyncIterator[EspeakSynthesizer]:
 
 @pytest.fixture
 async def single() -> AsyncIterator[EspeakSynthesizer]:
-    synth = await started(workers=1, window=4, stall_timeout_s=1.0, cancel_timeout_s=0.5)
+    synth = await started(workers=1, window=4, stall_timeout_s=1.0)
     yield synth
     await synth.aclose()
 
@@ -62,7 +62,7 @@ def test_info() -> None:
 @pytest.mark.parametrize(
     "options",
     [{"workers": 0}, {"workers": 1.5}, {"window": 0}, {"language": "en us; rm"}, {"stall_timeout_s": -1},
-     {"cancel_timeout_s": float("nan")}, {"buffer_ms": True}],
+     {"start_timeout_s": float("nan")}, {"buffer_ms": True}],
 )
 def test_config_is_validated(options: dict[str, object]) -> None:
     with pytest.raises(ValueError):

@@ -1,29 +1,28 @@
-"""``PoolEngine``: rendezvous routing, the Synthesizer contract through real worker processes, stickiness, and
-failover when a worker is killed (before its first chunk: invisible; mid-turn: one error, then the next worker)."""
+"""``PoolEngine``: rendezvous routing, stickiness through real worker processes, and failover when a worker is killed
+(before its first chunk: invisible; mid-turn: one error, then the next worker). The Synthesizer contract through a
+pool is run by ``test_contract.py``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from engine.base import AudioChunk, EngineError, SynthesisRequest
-from engine.pool import PoolConfig, PoolEngine, PoolMember, StaticMembers, WorkerClient, rendezvous_rank
+from engine.pool import PoolConfig, PoolEngine, PoolMember, StaticMembers, rendezvous_rank
+from engine.rpc_client import WorkerClient
 from engine.stub import StubConfig, StubSynthesizer
-from engine.worker import WorkerConfig, WorkerServer
-from tests.engine import test_contract as contract
+from engine.rpc_server import WorkerConfig, WorkerServer
+from tests.engine.stub_workers import Worker, running
 
-LONG = contract.LONG
-READY = re.compile(r"shoal worker: (\S+) listening on (\S+):(\d+)")
+LONG = " ".join(f"This is sentence number {i} of a long and winding reply." for i in range(40))
 FAST = PoolConfig(refresh_s=0.2, start_timeout_s=5, connect_timeout_s=2, down_s=5)
 
 
@@ -68,45 +67,10 @@ def test_rendezvous_moves_only_keys_to_a_worker_that_joins() -> None:
 # ---------------------------------------------------------------------------------------- real worker processes
 
 
-@dataclass
-class Worker:
-    id: str
-    proc: subprocess.Popen[str]
-    port: int
-
-    @property
-    def member(self) -> PoolMember:
-        return PoolMember(self.id, "127.0.0.1", self.port)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-def spawn(ids: list[str], *engine_args: str) -> list[Worker]:
-    procs = []
-    for worker_id in ids:
-        cmd = [sys.executable, "-m", "realtime", "worker", "--no-register", "--id", worker_id, "--engine", "stub",
-               "--stub-ttft-ms", "5", "--stub-frame-ms", "1", *engine_args]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    workers = []
-    for worker_id, proc in zip(ids, procs):
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        m = READY.search(line)
-        assert m and m.group(1) == worker_id, line
-        workers.append(Worker(worker_id, proc, int(m.group(3))))
-    return workers
-
-
 @pytest.fixture
 def workers() -> Iterator[list[Worker]]:
-    ws = spawn(["w0", "w1"])
-    yield ws
-    for w in ws:
-        if w.proc.poll() is None:
-            w.proc.terminate()
-            w.proc.wait(10)
+    with running(["w0", "w1"]) as ws:
+        yield ws
 
 
 @pytest.fixture
@@ -131,23 +95,6 @@ async def served(workers: list[Worker]) -> dict[str, int]:
 async def say(pool: PoolEngine, text: str, session: str | None) -> list[AudioChunk]:
     async with asyncio.timeout(20):
         return [c async for c in pool.synthesize(SynthesisRequest(text, session=session))]
-
-
-# the shared Synthesizer contract, run through a pool of two real stub workers (see tests/engine/test_contract.py)
-@pytest.fixture
-async def engine(pool: PoolEngine) -> AsyncIterator[PoolEngine]:
-    yield pool
-
-
-test_started_engine_is_a_healthy_synthesizer = contract.test_started_engine_is_a_healthy_synthesizer
-test_streams_non_silent_float32_audio_of_plausible_length = contract.test_streams_non_silent_float32_audio_of_plausible_length
-test_closing_mid_stream_releases_the_engine = contract.test_closing_mid_stream_releases_the_engine
-test_cancelling_the_consumer_task_releases_the_engine = contract.test_cancelling_the_consumer_task_releases_the_engine
-test_concurrent_requests_all_complete = contract.test_concurrent_requests_all_complete
-test_nothing_to_say_yields_no_chunks = contract.test_nothing_to_say_yields_no_chunks
-test_markup_and_voices_are_accepted = contract.test_markup_and_voices_are_accepted
-test_max_frames_caps_the_audio = contract.test_max_frames_caps_the_audio
-test_aclose_ends_streams_in_flight_and_refuses_new_ones = contract.test_aclose_ends_streams_in_flight_and_refuses_new_ones
 
 
 async def test_pool_audio_equals_what_a_worker_makes(pool: PoolEngine, workers: list[Worker]) -> None:
@@ -310,3 +257,24 @@ async def test_aclose_does_not_depend_on_the_source_honouring_cancellation(worke
         async with asyncio.timeout(2):
             await pool.aclose()
         assert pool._refresher is not None and pool._refresher.done()
+
+
+async def test_worker_counters_never_go_backwards_when_a_worker_restarts_or_leaves() -> None:
+    source = StaticMembers([PoolMember("a", "127.0.0.1", 1, stats={"worker_requests_total": 5, "load_now": 2}),
+                            PoolMember("b", "127.0.0.1", 2, stats={"worker_requests_total": 3})])
+    pool = PoolEngine(source)
+    seen = []
+
+    async def refresh(*members: PoolMember) -> None:
+        source.list = list(members)
+        await pool._refresh()
+        seen.append(pool.stats()["worker_requests_total"])
+
+    a, b = source.list
+    await refresh(a, b)
+    await refresh(PoolMember("a", "127.0.0.1", 1, stats={"worker_requests_total": 1}), b)  # a restarted in place
+    await refresh(b)  # a died: gone from the registry
+    await refresh(b, PoolMember("a", "127.0.0.1", 7, stats={"worker_requests_total": 2}, started_at=9.0))  # back
+    await refresh(b, PoolMember("a", "127.0.0.1", 7, stats={"worker_requests_total": 4}, started_at=9.0))
+    assert seen == [8, 9, 9, 11, 13]  # 5 + 3, then + 1 after the restart, + 2 and + 2 more after the next
+    assert "load_now" not in pool.stats()  # gauges are the live workers' only: the a that reported it is gone

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from engine.base import AudioChunk, EngineError, EngineInfo, PastTurn, Sampling, SynthesisRequest, VoiceRef
-from engine.pool import PoolConfig, WorkerClient, WorkerLost, WorkerUnavailable
+from engine.rpc_client import ClientConfig, WorkerClient, WorkerLost, WorkerUnavailable
 from engine.rpc import (
     Cancel,
     Credit,
@@ -36,7 +36,7 @@ from engine.rpc import (
     write_message,
 )
 from engine.stub import StubConfig, StubSynthesizer
-from engine.worker import WorkerConfig, WorkerServer
+from engine.rpc_server import WorkerConfig, WorkerServer
 
 LONG = " ".join(f"This is sentence number {i} of a long and winding reply." for i in range(40))
 CODES = np.arange(10 * 7, dtype=np.int16).reshape(10, 7)
@@ -197,7 +197,7 @@ def test_every_message_survives_encode_decode() -> None:
         ({"type": "submit", "id": 3, "text": "hi",
           "history": [{"speaker": 0, "text": "x", "codes": {"shape": [9, 2], "dtype": "<i2", "data": b"\0" * 36}}]},
          "bad_request", 3),
-        ({"type": "credit", "id": 1, "n": 1000}, "bad_request", 1),
+        ({"type": "credit", "id": 1, "n": 100_000}, "bad_request", 1),
         ({"type": "launch", "id": 2}, "protocol", 2),
         ({"id": 2}, "protocol", None),
         ([1, 2, 3], "protocol", None),
@@ -393,7 +393,7 @@ async def test_stop_ends_what_does_not_finish_in_time_as_unavailable(worker) -> 
 
 async def test_worker_client_multiplexes_streams_and_calls(worker) -> None:
     engine, server, port = worker
-    client = await WorkerClient.connect("127.0.0.1", port, PoolConfig(window=2))
+    client = await WorkerClient.connect("127.0.0.1", port, ClientConfig(window=2))
     assert client.worker == "t0" and client.info == engine.info
     texts = [f"Speaker {i} says hello to everyone." for i in range(6)]
 
@@ -419,7 +419,7 @@ async def test_worker_client_multiplexes_streams_and_calls(worker) -> None:
 
 async def test_worker_client_slow_consumer_holds_at_most_the_window(worker) -> None:
     engine, server, port = worker
-    client = await WorkerClient.connect("127.0.0.1", port, PoolConfig(window=4))
+    client = await WorkerClient.connect("127.0.0.1", port, ClientConfig(window=4))
     stream = client.synthesize(SynthesisRequest(LONG))
     await anext(stream)
     await asyncio.sleep(0.3)  # the consumer dawdles
@@ -449,4 +449,4 @@ async def test_worker_client_reports_a_lost_worker(worker) -> None:
     with pytest.raises(WorkerLost):
         await client.stats()
     with pytest.raises(WorkerLost, match="cannot reach"):
-        await WorkerClient.connect("127.0.0.1", port, PoolConfig(connect_timeout_s=1))
+        await WorkerClient.connect("127.0.0.1", port, ClientConfig(connect_timeout_s=1))

@@ -18,7 +18,7 @@ def small_run(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], 
     given last so that they win); it must exit 0 with a sane summary and no error. Returns the process and the
     summary."""
     cmd = [
-        sys.executable, "-m", "realtime", "loadtest", "--duration", "6", "--ramp", "1", "--warmup", "0.5",
+        sys.executable, "-m", "shoal", "loadtest", "--duration", "6", "--ramp", "1", "--warmup", "0.5",
         "--barge-in", "0.3", "--tokens-per-s", "60", "--quiet", "--out", str(out), *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
@@ -51,14 +51,14 @@ def test_small_load_against_the_stub_engine_gives_a_complete_summary_and_report(
     rows = (out / "turns.csv").read_text().splitlines()
     assert rows[0].startswith("session,turn") and len(rows) - 1 == summary["turns_total"]
 
-    again = subprocess.run([sys.executable, "-m", "realtime", "loadtest", "report", "--out", str(out)],
+    again = subprocess.run([sys.executable, "-m", "shoal", "loadtest", "report", "--out", str(out)],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
 def test_refuses_anything_but_loopback(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "realtime", "loadtest", "--url", "ws://192.0.2.1:8000/v1/realtime", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "shoal", "loadtest", "--url", "ws://192.0.2.1:8000/v1/realtime", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "loopback" in proc.stderr
@@ -71,7 +71,7 @@ def test_an_unreachable_server_is_reported_not_hung(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [
-        sys.executable, "-m", "realtime", "loadtest", "--url", f"ws://127.0.0.1:{port}/v1/realtime",
+        sys.executable, "-m", "shoal", "loadtest", "--url", f"ws://127.0.0.1:{port}/v1/realtime",
         "--sessions", "2", "--duration", "1", "--ramp", "0", "--floor-probes", "0", "--quiet", "--out", str(tmp_path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import websockets
 
@@ -58,10 +60,18 @@ class Server:
             pass  # none, or already gone
 
 
-def start_server(data_dir: Path, *args: str, timeout: float = 30.0) -> Server:
-    """Start `shoal serve --port 0` and wait for the line that names the port it got."""
+def start_server(data_dir: Path, *args: str, timeout: float = 30.0, fd_limit: int | None = None) -> Server:
+    """Start `shoal serve --port 0` and wait for the line that names the port it got. ``fd_limit``: run it with
+    that RLIMIT_NOFILE."""
     cmd = [sys.executable, "-m", "realtime", "serve", "--port", "0", "--data-dir", str(data_dir), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+    def limit_fds() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            preexec_fn=limit_fds if fd_limit is not None else None)
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + timeout
@@ -135,3 +145,17 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+def tone_wav(rate: int, seconds: float, hz: float = 180.0) -> bytes:
+    """A steady tone as a mono PCM16 WAV file: a reference voice for ``voice.create``."""
+    import wave
+
+    t = np.arange(int(rate * seconds)) / rate
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()

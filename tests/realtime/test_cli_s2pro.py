@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.engine.dualar import FIXTURES, MODEL_DIR
 
-pytestmark = requires_fixtures
 CODEC = str(FIXTURES / "codec" / "codec.pth")
 
 

@@ -3,8 +3,6 @@ voices encoded once (cloning). The fixture's weights are random, so only structu
 
 from __future__ import annotations
 
-import io
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +11,10 @@ import pytest
 from realtime.audio import decode_opus
 from sessions.embedded import EmbeddedRedis
 from sessions.store import SessionStore
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
-from tests.realtime.conftest import Client, Server, start_server
+from tests.engine.dualar import FIXTURES, MODEL_DIR
+from tests.realtime.conftest import Client, Server, start_server, tone_wav
 from tests.realtime.test_e2e import speak
 
-pytestmark = requires_fixtures
 FRAME_MS = 1000 * 2048 / 44100
 SAMPLING = {"temperature": 0.7, "seed": 7, "max_frames": 10}
 
@@ -71,14 +68,7 @@ async def test_voice_create_encodes_the_reference_once(s2: Server) -> None:
     client = await Client.connect(s2.url)
     await client.start(sampling=SAMPLING)
     rate = 44100
-    t = np.arange(rate * 2) / rate
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((0.3 * np.sin(2 * np.pi * 180 * t) * 32767).astype("<i2").tobytes())
-    await client.send(type="voice.create", voice="ref", audio=buf.getvalue(), text="A steady tone.")
+    await client.send(type="voice.create", voice="ref", audio=tone_wav(rate, 2.0), text="A steady tone.")
     created, _ = await client.until("voice.created", timeout=60)
     assert created["frames"] == int(np.ceil(2 * rate / 2048))
     await client.send(type="session.update", speakers=[{"speaker": 0, "voice": "ref"}])

@@ -11,7 +11,7 @@ import pytest
 
 from engine.markup import words_of
 from realtime.audio import decode_opus
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.engine.dualar import FIXTURES, MODEL_DIR
 from tests.realtime.conftest import Client, Server, start_server
 from tests.realtime.test_e2e import speak
 
@@ -124,7 +124,6 @@ async def test_timing_messages_only_when_asked(stub: Server) -> None:
     await client.close()
 
 
-@requires_fixtures
 async def test_s2pro_timing_is_estimated_over_the_real_audio(tmp_path: Path) -> None:
     srv = start_server(tmp_path / "data", "--model", str(MODEL_DIR), "--codec", str(FIXTURES / "codec" / "codec.pth"),
                        timeout=120)

@@ -23,11 +23,12 @@ import httpx
 import numpy as np
 import pytest
 
-from engine.pool import WorkerClient, WorkerLost, rendezvous_rank
+from engine.pool import rendezvous_rank
+from engine.rpc_client import WorkerClient, WorkerLost
 from sessions.embedded import EmbeddedRedis
 from sessions.store import SessionStore
-from sessions.workers import WorkerRecord, WorkerRegistry
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from sessions.registry import WorkerRecord, WorkerRegistry
+from tests.engine.dualar import FIXTURES, MODEL_DIR
 from tests.realtime.conftest import Client, Server, start_server
 from tests.realtime.test_e2e import speak
 
@@ -249,7 +250,6 @@ def s2_pool(tmp_path: Path) -> Iterator[PoolServer]:
                            timeout=240)
 
 
-@requires_fixtures
 async def test_s2pro_pool_spreads_sticks_and_survives_a_killed_worker(s2_pool: PoolServer) -> None:
     health = httpx.get(f"{s2_pool.srv.http}/healthz").json()
     assert health["status"] == "ok" and health["engine"] == "s2pro" and len(health["workers"]) == 2

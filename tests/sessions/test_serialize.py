@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from sessions.model import SCHEMA_VERSION, Session, Speaker, Turn, Voice
-from sessions.serialize import StoreError, decode, encode
+from sessions.errors import StoreError
+from sessions.serialize import decode, encode
 
 
 def codes(frames: int, seed: int = 0) -> np.ndarray:

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 import uuid
+from dataclasses import replace
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import redis.asyncio as aioredis
 
 from sessions.embedded import EmbeddedRedis
 from sessions.model import Session, Speaker, Turn, Voice
-from sessions.store import SessionStore, StoreError, WriteRejected
+from sessions.serialize import encode
+from sessions.store import SessionStore, StoreError, VoiceQuotaExceeded, WriteRejected
 
 DAY_MS = 86400 * 1000
 
@@ -194,7 +196,9 @@ async def test_keys_share_a_cluster_hash_tag(store: SessionStore) -> None:
     keys = store.session_keys("abc")
     assert all(f"{store.key_prefix}:s:{{abc}}:" in k for k in keys)
     assert keys.meta.endswith(":meta") and keys.turns.endswith(":turns") and keys.owner.endswith(":owner")
-    assert store.voice_key("v") == f"{store.key_prefix}:v:{{v}}"
+    # a tenant's voices and their quota index share one tag, so the quota script stays on one slot
+    assert store.voice_key("v") == f"{{{store.key_prefix}:v}}:v"
+    assert store.voice_index_key() == f"{{{store.key_prefix}:v}}:index"
 
 
 async def test_ownership(store: SessionStore, raw: aioredis.Redis) -> None:
@@ -236,6 +240,43 @@ async def test_voices_without_ttl(redis_server: str, raw: aioredis.Redis) -> Non
     async with SessionStore(redis_server, voice_ttl_s=None, key_prefix=f"t-{uuid.uuid4().hex}") as store:
         await store.put_voice(Voice("v", "t", 0.5, 16000, b""))
         assert await raw.ttl(store.voice_key("v")) == -1
+
+
+async def test_voice_quota_counts_voices_and_bytes_of_one_namespace(store: SessionStore) -> None:
+    small = Voice("a", "t", 1.0, 16000, b"x" * 1000)
+    for i in range(3):
+        await store.put_voice(replace(small, voice=f"v{i}"), max_count=3)
+    with pytest.raises(VoiceQuotaExceeded) as info:
+        await store.put_voice(replace(small, voice="v3"), max_count=3)
+    assert info.value.reason == "voice_count" and info.value.count == 3
+    assert await store.get_voice("v3") is None
+    await store.put_voice(replace(small, voice="v1", text="replaced"), max_count=3)  # a replacement fits
+    assert (await store.get_voice("v1")).text == "replaced"  # type: ignore[union-attr]
+    size = len(encode(replace(small, voice="v0")))
+    with pytest.raises(VoiceQuotaExceeded) as info:
+        await store.put_voice(replace(small, voice="v1", audio=b"x" * 5000), max_bytes=3 * size)
+    assert info.value.reason == "voice_bytes" and info.value.stored_bytes == 2 * size
+    other = store.scoped("tenant-b")  # another namespace has its own quota and its own voices
+    await other.put_voice(replace(small, voice="v3"), max_count=1)
+    assert await store.get_voice("v3") is None and await other.get_voice("v1") is None
+
+
+async def test_expired_voices_leave_the_quota(redis_server: str) -> None:
+    async with SessionStore(redis_server, voice_ttl_s=1, key_prefix=f"t-{uuid.uuid4().hex}") as store:
+        voice = Voice("a", "t", 1.0, 16000, b"")
+        await store.put_voice(voice, max_count=1)
+        with pytest.raises(VoiceQuotaExceeded):
+            await store.put_voice(replace(voice, voice="b"), max_count=1)
+        await asyncio.sleep(1.1)
+        await store.put_voice(replace(voice, voice="b"), max_count=1)
+
+
+async def test_voices_stored_before_the_quota_index_are_still_found(store: SessionStore, raw: aioredis.Redis) -> None:
+    old = Voice("narrator", "t", 1.0, 16000, b"\0\0" * 16000)
+    await raw.set(f"{store.key_prefix}:v:{{narrator}}", encode(old))
+    back = await store.get_voice("narrator")
+    assert back is not None and back.audio_format == "pcm16" and back.audio == old.audio
+    assert await store.scoped("t1").get_voice("narrator") is None  # tenants never had the old layout
 
 
 async def test_a_malformed_stored_record_is_a_store_error(store: SessionStore, raw: aioredis.Redis) -> None:

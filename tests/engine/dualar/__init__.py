@@ -1,4 +1,5 @@
-"""Tests of the S2 Pro dual-AR engine against the golden fixtures in ``shared/fixtures/s2pro-tiny``."""
+"""Tests of the S2 Pro dual-AR engine against the golden fixtures in ``tests/fixtures/s2pro-tiny`` (in the repository;
+its README says how the reference implementation made them)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,10 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-_ROOT = Path(__file__).resolve().parents[3]
-_CANDIDATES = (_ROOT / "shared" / "fixtures" / "s2pro-tiny", _ROOT.parent / "shared" / "fixtures" / "s2pro-tiny")
-FIXTURES: Path = next((p for p in _CANDIDATES if (p / "model" / "config.json").is_file()), _CANDIDATES[-1])
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "s2pro-tiny"
 MODEL_DIR = FIXTURES / "model"
-
-requires_fixtures = pytest.mark.skipif(
-    not (MODEL_DIR / "config.json").is_file(), reason=f"s2pro-tiny fixtures not found (looked in {_CANDIDATES})"
-)
+CODEC = FIXTURES / "codec" / "codec.pth"
 
 
 @functools.cache

@@ -7,10 +7,9 @@ import argparse
 import pytest
 
 from engine.dualar.bench_batch import add_parser, bench_batch, bench_prefix, byte_tokenizer, main, run
-from tests.engine.dualar import MODEL_DIR, requires_fixtures
+from tests.engine.dualar import MODEL_DIR
 
 
-@requires_fixtures
 def test_the_byte_tokenizer_tokenizes_like_the_fixture_tokenizer() -> None:
     from engine.dualar.prompt import load_tokenizer
 

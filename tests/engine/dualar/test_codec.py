@@ -20,19 +20,9 @@ from engine.dualar.codec import (
     load_codec_state_dict,
 )
 from engine.dualar.codec_layers import CausalConv1d, CausalConvTranspose1d, StreamState
+from tests.engine.dualar import FIXTURES
 
 
-def _find_fixtures() -> Path | None:
-    repo = Path(__file__).resolve().parents[3]
-    for root in (repo / "shared", repo.parent / "shared"):
-        candidate = root / "fixtures" / "s2pro-tiny"
-        if (candidate / "codec" / "codec.pth").is_file():
-            return candidate
-    return None
-
-
-FIXTURES = _find_fixtures()
-pytestmark = pytest.mark.skipif(FIXTURES is None, reason="shared/fixtures/s2pro-tiny not found")
 
 STREAM_TOL = 2e-5  # chunk-by-chunk vs whole decode (measured: ~6e-6)
 GOLDEN_AUDIO_TOL = 1e-5  # vs the reference (measured: 9.7e-7 decode, 2.6e-6 recon)
@@ -40,7 +30,6 @@ GOLDEN_AUDIO_TOL = 1e-5  # vs the reference (measured: 9.7e-7 decode, 2.6e-6 rec
 
 @pytest.fixture(scope="module")
 def fixtures() -> Path:
-    assert FIXTURES is not None
     return FIXTURES
 
 

@@ -12,7 +12,7 @@ from engine.base import PastTurn
 from engine.dualar.context import history_start, trim_history, turn_positions
 from engine.dualar.loader import load_config
 from engine.dualar.prompt import PromptBuilder
-from tests.engine.dualar import MODEL_DIR, requires_fixtures
+from tests.engine.dualar import MODEL_DIR
 
 
 def test_nothing_is_dropped_within_the_budget() -> None:
@@ -46,7 +46,6 @@ def test_consecutive_turns_drop_the_same_way_and_only_in_large_steps() -> None:
     assert 10 <= drops <= len(lengths) * 70 / (budget / 2)  # about once per half a budget of new turns
 
 
-@requires_fixtures
 def test_prompts_extend_each_other_between_drops() -> None:
     config = load_config(MODEL_DIR)
     prompts = PromptBuilder.from_pretrained(MODEL_DIR, config)

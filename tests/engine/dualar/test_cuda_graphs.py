@@ -12,7 +12,7 @@ from engine.base import Sampling
 from engine.dualar.cuda_graphs import BATCH_SIZES, GraphedDecoder, bucket
 from engine.dualar.loader import load_model
 from engine.dualar.presets import random_model
-from tests.engine.dualar import MODEL_DIR, golden, requires_fixtures
+from tests.engine.dualar import MODEL_DIR, golden
 
 GREEDY = Sampling(temperature=0.0, seed=0)
 
@@ -36,7 +36,6 @@ def decode(decoder: GraphedDecoder, starts: list[tuple[torch.Tensor, Sampling]],
     return torch.stack(out, dim=1).numpy()
 
 
-@requires_fixtures
 def test_the_captured_step_reproduces_the_reference_greedy_frames() -> None:
     model = load_model(MODEL_DIR, dtype="float32", progress=False)
     decoder = GraphedDecoder(model, max_batch=4, max_seq_len=512)

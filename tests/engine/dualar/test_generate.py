@@ -13,9 +13,8 @@ from engine.dualar.generate import decode_step, generate, make_sampler, prefill,
 from engine.dualar.loader import load_model
 from engine.dualar.model import DualAR
 from engine.dualar.sampling import Sampler
-from tests.engine.dualar import MODEL_DIR, golden, requires_fixtures
+from tests.engine.dualar import MODEL_DIR, golden
 
-pytestmark = requires_fixtures
 ATOL = 1e-5
 GREEDY = Sampling(temperature=0.0, max_frames=9)
 

@@ -18,9 +18,8 @@ from engine.dualar.loader import (
     resolve_model_path,
     to_published,
 )
-from tests.engine.dualar import MODEL_DIR, requires_fixtures
+from tests.engine.dualar import MODEL_DIR
 
-pytestmark = requires_fixtures
 
 
 @pytest.fixture(scope="module")

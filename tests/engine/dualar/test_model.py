@@ -9,9 +9,8 @@ from engine.dualar.config import load_config
 from engine.dualar.loader import load_model
 from engine.dualar.model import DualAR, RMSNorm, rope_table
 from engine.dualar.presets import preset_config, random_model
-from tests.engine.dualar import MODEL_DIR, golden, requires_fixtures
+from tests.engine.dualar import MODEL_DIR, golden
 
-pytestmark = requires_fixtures
 ATOL = 1e-5
 
 

@@ -12,7 +12,7 @@ from engine.dualar.model import DualAR
 from engine.dualar.prefix_cache import RadixCache
 from engine.dualar.prompt import PromptBuilder
 from engine.dualar.scheduler import FinishReason, Scheduler, SchedulerConfig, Sequence
-from tests.engine.dualar import MODEL_DIR, requires_fixtures
+from tests.engine.dualar import MODEL_DIR
 
 W = 11  # key width: token id + 10 codes
 BYTES_PER_POSITION = 4 * 4  # toy values: (4, n) float32
@@ -166,8 +166,6 @@ FRAMES = 8
 
 @pytest.fixture(scope="module")
 def model() -> DualAR:
-    if not (MODEL_DIR / "config.json").is_file():
-        pytest.skip("s2pro-tiny fixtures not found")
     model = load_model(MODEL_DIR, dtype="float32", progress=False)
     model.setup_caches(2, 1024)
     return model
@@ -201,7 +199,6 @@ def assert_same_run(cached: Sequence, uncached: Sequence) -> None:
     assert codes_of(cached).tolist() == codes_of(uncached).tolist()
 
 
-@requires_fixtures
 def test_multi_turn_cached_equals_uncached_through_a_cancelled_turn_and_a_history_drop(
     model: DualAR, prompts: PromptBuilder
 ) -> None:
@@ -248,7 +245,6 @@ def test_multi_turn_cached_equals_uncached_through_a_cancelled_turn_and_a_histor
     assert (s.hits, s.misses) == (len(lines) - 1, 1)
 
 
-@requires_fixtures
 def test_a_prompt_differing_in_one_residual_code_does_not_match_past_that_frame(
     model: DualAR, prompts: PromptBuilder
 ) -> None:

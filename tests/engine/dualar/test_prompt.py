@@ -12,9 +12,8 @@ import torch
 from engine.base import PastTurn, Sampling, SynthesisRequest, VoiceRef
 from engine.dualar.config import load_config
 from engine.dualar.prompt import PromptBuilder, load_tokenizer
-from tests.engine.dualar import FIXTURES, MODEL_DIR, golden, requires_fixtures
+from tests.engine.dualar import FIXTURES, MODEL_DIR, golden
 
-pytestmark = requires_fixtures
 
 
 @pytest.fixture(scope="module")

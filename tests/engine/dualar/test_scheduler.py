@@ -13,9 +13,8 @@ from engine.dualar.generate import generate
 from engine.dualar.loader import load_model
 from engine.dualar.model import DualAR
 from engine.dualar.scheduler import FinishReason, Scheduler, SchedulerConfig, Sequence
-from tests.engine.dualar import MODEL_DIR, golden, requires_fixtures
+from tests.engine.dualar import MODEL_DIR, golden
 
-pytestmark = requires_fixtures
 ATOL = 1e-5
 
 

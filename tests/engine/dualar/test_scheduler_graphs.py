@@ -20,7 +20,7 @@ from engine.dualar.cuda_graphs import GraphedDecoder
 from engine.dualar.loader import load_model
 from engine.dualar.model import DualAR
 from engine.dualar.scheduler import Scheduler, SchedulerConfig, Sequence, StepResult, _seed
-from tests.engine.dualar import MODEL_DIR, golden, requires_fixtures
+from tests.engine.dualar import MODEL_DIR, golden
 
 PURE_GREEDY = Sampling(temperature=0.0, top_k=1)  # top_k 1: repetition-aware redraws pick the argmax too
 Job = tuple[torch.Tensor, Sampling, int]  # prompt (1 + C, T), settings, generator seed
@@ -83,16 +83,13 @@ NO_CACHE = SchedulerConfig(max_batch_size=3, prefill_chunk=64, prefix_cache=Fals
 
 def test_the_cpu_default_is_the_eager_step() -> None:
     assert SchedulerConfig().cuda_graphs
-    model = fixture_model() if MODEL_DIR.is_dir() else None
-    if model is None:
-        pytest.skip("fixtures not found")
+    model = fixture_model()
     s = Scheduler(model, SchedulerConfig(max_batch_size=2))
     assert s.decoder is None and not s.graphed
     with pytest.raises(ValueError, match="max_batch"):
         Scheduler(model, SchedulerConfig(max_batch_size=4), decoder=GraphedDecoder(model, max_batch=2, max_seq_len=512))
 
 
-@requires_fixtures
 def test_greedy_codes_and_step_results_equal_the_eager_schedulers() -> None:
     model = fixture_model()
     jobs = [(prompt(174), greedy(12), 0), (prompt(120), greedy(5), 1), (prompt(150), greedy(9), 2),
@@ -106,7 +103,6 @@ def test_greedy_codes_and_step_results_equal_the_eager_schedulers() -> None:
     assert not s.graphed and s.decoder is not None
 
 
-@requires_fixtures
 def test_a_seeded_stream_gets_the_same_frames_whatever_runs_beside_it() -> None:
     model = fixture_model()
     config = SchedulerConfig(max_batch_size=4, prefill_chunk=48, prefix_cache=False, output_frames=1 << 10)
@@ -122,7 +118,6 @@ def test_a_seeded_stream_gets_the_same_frames_whatever_runs_beside_it() -> None:
     assert not torch.equal(run(static(model, config), [reseeded])[0][0], alone[0])
 
 
-@requires_fixtures
 def test_paused_prefilling_and_free_slots_are_padding_rows() -> None:
     model = fixture_model()
     config = SchedulerConfig(max_batch_size=4, prefill_chunk=32, prefix_cache=False, output_frames=2)
@@ -154,7 +149,6 @@ def test_paused_prefilling_and_free_slots_are_padding_rows() -> None:
         assert torch.equal(torch.stack(frames, dim=1), alone[0])
 
 
-@requires_fixtures
 def test_the_prefix_cache_feeds_the_graphed_path() -> None:
     model = fixture_model()
     config = SchedulerConfig(max_batch_size=2, prefill_chunk=64, output_frames=1 << 10)
@@ -190,8 +184,6 @@ def _s2pro(dtype: str) -> tuple[DualAR, Callable[[int, int], torch.Tensor]]:
 
 def _models(which: str, dtype: str) -> tuple[DualAR, Callable[[int, int], torch.Tensor]]:
     if which == "fixture":
-        if not MODEL_DIR.is_dir():
-            pytest.skip("fixtures not found")
         return fixture_model("cuda", dtype), lambda length, seed: prompt(length)
     return _s2pro(dtype)
 

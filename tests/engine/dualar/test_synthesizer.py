@@ -13,9 +13,8 @@ import torch
 from engine.base import EngineError, PastTurn, Sampling, SynthesisRequest, VoiceRef
 from engine.dualar.generate import generate
 from engine.dualar.synthesizer import DualARConfig, DualARSynthesizer
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.engine.dualar import FIXTURES, MODEL_DIR
 
-pytestmark = requires_fixtures
 CODEC = FIXTURES / "codec" / "codec.pth"
 GREEDY = Sampling(temperature=0.0, seed=0, max_frames=12)  # seeded: repetition-aware resampling draws
 

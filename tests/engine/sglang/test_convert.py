@@ -10,6 +10,7 @@ import torch
 
 from engine.base import PastTurn, Sampling, SynthesisRequest, VoiceRef
 from engine.dualar.config import load_config
+from engine.dualar.frontend import frame_budget
 from engine.dualar.prompt import PromptBuilder
 from engine.sglang.convert import (
     FLAG_FAILED,
@@ -19,10 +20,9 @@ from engine.sglang.convert import (
     RequestPlan,
     TokenIds,
     build_request,
-    frame_budget,
 )
 from engine.sglang.keys import is_frame_key, radix_keys
-from tests.engine.dualar import MODEL_DIR, requires_fixtures
+from tests.engine.dualar import MODEL_DIR
 
 IDS = TokenIds(semantic_begin_id=268, semantic_end_id=331, im_end_id=258, vocab_size=336, num_codebooks=10,
                codebook_size=64)
@@ -44,7 +44,6 @@ def conversation_prompt() -> torch.Tensor:
     return prompts.build_request(request)
 
 
-@requires_fixtures
 def test_the_plan_carries_every_code_and_rebuilds_the_prompt() -> None:
     prompt = conversation_prompt()
     request = build_request(prompt, Sampling(seed=7), IDS)
@@ -60,7 +59,6 @@ def test_the_plan_carries_every_code_and_rebuilds_the_prompt() -> None:
     assert request.input_ids == radix_keys(prompt, IDS.semantic_begin_id, IDS.semantic_end_id)
 
 
-@requires_fixtures
 @pytest.mark.parametrize("cut", [1, 40, 77, 100])
 def test_windows_of_a_chunked_prompt_add_up_to_the_whole(cut: int) -> None:
     plan = build_request(conversation_prompt(), Sampling(), IDS).plan

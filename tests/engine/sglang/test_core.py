@@ -18,10 +18,9 @@ from engine.dualar.model import DualAR
 from engine.dualar.prompt import PromptBuilder
 from engine.sglang.convert import FLAG_FAILED, TokenIds, build_request
 from engine.sglang.core import BatchInfo
-from tests.engine.dualar import MODEL_DIR, golden, requires_fixtures
+from tests.engine.dualar import MODEL_DIR, golden
 from tests.engine.sglang.fakes import MiniRunner, make_core
 
-pytestmark = requires_fixtures
 GREEDY = Sampling(temperature=0.0, seed=0, max_frames=9)
 
 

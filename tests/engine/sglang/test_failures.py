@@ -20,10 +20,9 @@ from engine.sglang import SGLangConfig, SGLangSynthesizer
 from engine.sglang.convert import FLAG_FAILED, TokenIds, build_request
 from engine.sglang.core import without_custom_processor
 from engine.sglang.synthesizer import register_model_package
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.engine.dualar import FIXTURES, MODEL_DIR
 from tests.engine.sglang.fakes import MiniRunner, make_core, shadow_launcher
 
-pytestmark = requires_fixtures
 
 
 @pytest.fixture(scope="module")

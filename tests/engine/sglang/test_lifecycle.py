@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from engine.sglang.process import ChildMonitor, keep_signals, stop_engine
-from tests.engine.dualar import requires_fixtures
 from tests.engine.sglang.fakes import FakeWatchdog
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -30,7 +29,6 @@ def run_child(mode: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-@requires_fixtures
 def test_closing_the_engine_leaves_the_process_alive() -> None:
     done = run_child("close")
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
@@ -39,7 +37,6 @@ def test_closing_the_engine_leaves_the_process_alive() -> None:
     assert "alive after close" in done.stdout
 
 
-@requires_fixtures
 def test_a_sigterm_reaches_shoal_not_sglang() -> None:
     done = run_child("sigterm")
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])

@@ -23,10 +23,9 @@ from engine.dualar.config import load_config
 from engine.dualar.loader import load_state_dict
 from engine.sglang.checkpoint import ARCHITECTURE, sglang_hf_config
 from engine.sglang.convert import FRAME_KEY, TokenIds, build_request
-from tests.engine.dualar import MODEL_DIR, golden, requires_fixtures
+from tests.engine.dualar import MODEL_DIR, golden
 from tests.engine.sglang.fakes import FakeRadixAttention, KVPool
 
-pytestmark = requires_fixtures
 
 
 def _stub_sglang() -> dict[str, types.ModuleType]:

@@ -21,7 +21,7 @@ from engine.sglang.checkpoint import ARCHITECTURE, MODEL_PACKAGE, sglang_hf_conf
 from engine.sglang.guard import missing_requirements, require_sglang_backend
 from engine.sglang.presets import byte_level_tokenizer, preset_raw_config
 from engine.sglang.synthesizer import engine_kwargs
-from tests.engine.dualar import MODEL_DIR, requires_fixtures
+from tests.engine.dualar import MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -116,7 +116,6 @@ def test_engine_arguments(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ checkpoint
 
 
-@requires_fixtures
 def test_the_shadow_checkpoint_links_the_weights_and_describes_the_slow_ar(tmp_path: Path) -> None:
     raw = json.loads((MODEL_DIR / "config.json").read_text())
     shadow = write_shadow_checkpoint(tmp_path / "s", raw, source=MODEL_DIR, context_length=1 << 20, max_rows=40,
@@ -173,7 +172,6 @@ def test_the_model_module_sglang_imports_names_the_architecture() -> None:
 # ------------------------------------------------------------------------------------------------ presets
 
 
-@requires_fixtures
 def test_the_byte_level_tokenizer_matches_the_fixtures() -> None:
     ours, theirs = byte_level_tokenizer(64), load_tokenizer(MODEL_DIR)
     for text in ["<|im_start|>user\n<|speaker:0|>Héllo, wörld! 123<|im_end|>\n", "<|semantic:5|>[whisper] ok",

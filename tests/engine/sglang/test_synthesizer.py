@@ -1,5 +1,5 @@
-"""The SGLang synthesizer end to end: the shared engine contract, then cache hits through the previous turn, keys that
-part at a residual code, abort, seeds, chunking.
+"""The SGLang synthesizer end to end: cache hits through the previous turn, keys that part at a residual code, abort,
+seeds, chunking (the shared engine contract runs it too, in ``tests/engine/test_contract.py``).
 
 Two engines run the same tests:
 
@@ -9,9 +9,8 @@ Two engines run the same tests:
 - ``sglang`` (marked ``gpu``, skipped without a CUDA GPU and sglang): the real thing.
 
 Each engine serves the whole module on one event loop (SGLang binds its tokenizer manager to the loop of its first
-request, and takes a minute or two to start). The model is the tiny fixture checkpoint (the ``tiny`` random preset
-on a GPU machine without the fixtures) and never ends a turn by itself (``ignore_end``): turn lengths come from the
-frames-per-character guard and ``max_frames``.
+request, and takes a minute or two to start). The model is the tiny fixture checkpoint and never ends a turn by
+itself (``ignore_end``): turn lengths come from the frames-per-character guard and ``max_frames``.
 """
 
 from __future__ import annotations
@@ -23,49 +22,26 @@ import pytest
 import pytest_asyncio
 import torch
 
-from engine.base import PastTurn, Sampling, SynthesisRequest, Synthesizer
+from engine.base import PastTurn, Sampling, SynthesisRequest
 from engine.dualar.codec import load_codec
 from engine.sglang import SGLangConfig, SGLangSynthesizer, missing_requirements
 from engine.sglang.convert import build_request
 from engine.sglang.keys import shared_prefix_len
-from tests.engine.dualar import FIXTURES, MODEL_DIR, requires_fixtures
+from tests.engine.dualar import FIXTURES, MODEL_DIR
 from tests.engine.sglang.fakes import shadow_launcher
-
-# The shared contract (tests/engine/test_contract.py), run here with this module's `engine` fixture.
-from tests.engine.test_contract import (
-    test_cancelling_the_consumer_task_releases_the_engine,
-    test_closing_mid_stream_releases_the_engine,
-    test_concurrent_requests_all_complete,
-    test_markup_and_voices_are_accepted,
-    test_max_frames_caps_the_audio,
-    test_nothing_to_say_yields_no_chunks,
-)
-
-__all__ = [
-    "test_cancelling_the_consumer_task_releases_the_engine",
-    "test_closing_mid_stream_releases_the_engine",
-    "test_concurrent_requests_all_complete",
-    "test_markup_and_voices_are_accepted",
-    "test_max_frames_caps_the_audio",
-    "test_nothing_to_say_yields_no_chunks",
-]
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 _missing = missing_requirements()
 ENGINES = [
-    pytest.param("fake", marks=requires_fixtures),
+    "fake",
     pytest.param("sglang", marks=[pytest.mark.gpu, pytest.mark.skipif(bool(_missing), reason="; ".join(_missing))]),
 ]
-HAVE_FIXTURES = (MODEL_DIR / "config.json").is_file()
 
 
 def config(**overrides: object) -> SGLangConfig:
     fields: dict = dict(ignore_end=True, frames_per_char=3.0, frame_budget_base=16, max_running_requests=16,
                         cuda_graph_max_bs=16, max_seq_len=4096, mem_fraction_static=0.4, first_chunk_frames=2)
-    if HAVE_FIXTURES:
-        fields.update(model=str(MODEL_DIR), codec=str(FIXTURES / "codec" / "codec.pth"))
-    else:
-        fields.update(preset="tiny")
+    fields.update(model=str(MODEL_DIR), codec=str(FIXTURES / "codec" / "codec.pth"))
     fields.update(overrides)
     return SGLangConfig(**fields)
 
@@ -92,27 +68,6 @@ async def collect(synth: SGLangSynthesizer, request: SynthesisRequest) -> list:
 
 def codes_of(chunks: list) -> np.ndarray:
     return np.concatenate([c.codes for c in chunks], axis=1)
-
-
-async def test_streams_non_silent_float32_audio_of_plausible_length(engine: SGLangSynthesizer) -> None:
-    """The contract's test of the same name, less its "level varies like speech" check: random weights make
-    noise of an even level (a property of the weights, not of the engine)."""
-    chunks = await collect(engine, SynthesisRequest("The quick brown fox jumps over the lazy dog."))
-    assert len(chunks) > 1
-    for chunk in chunks:
-        assert chunk.pcm.dtype == np.float32 and chunk.pcm.ndim == 1 and chunk.pcm.size > 0
-        assert np.all(np.isfinite(chunk.pcm)) and np.abs(chunk.pcm).max() <= 1.0
-        assert chunk.codes is not None and chunk.codes.dtype == np.int16 and chunk.codes.shape[0] == 10
-    audio = np.concatenate([c.pcm for c in chunks])
-    assert 1.0 < audio.size / engine.info.sample_rate < 10.0
-    assert np.sqrt(np.mean(audio**2)) > 0.01
-
-
-async def test_started_engine_is_healthy_and_clones(engine: SGLangSynthesizer) -> None:
-    assert isinstance(engine, Synthesizer)
-    assert engine.health() is None and engine.info.sample_rate == 44100 and engine.info.cloning
-    codes = await engine.encode_voice(np.zeros(44100, np.float32), 44100, "silence")
-    assert codes is not None and codes.dtype == np.int16 and codes.shape[0] == 10 and codes.shape[1] >= 21
 
 
 async def test_the_first_chunk_is_small_and_chunks_grow(engine: SGLangSynthesizer) -> None:
@@ -188,6 +143,3 @@ async def test_stats_name_what_the_engine_did(engine: SGLangSynthesizer) -> None
     assert stats["sglang_requests_total"] > 0 and stats["sglang_frames_total"] > 0
     assert 0 < stats["sglang_cached_tokens_total"] <= stats["sglang_prompt_tokens_total"]
 
-
-# last: it closes the module's engine
-from tests.engine.test_contract import test_aclose_ends_streams_in_flight_and_refuses_new_ones  # noqa: E402, F401
