@@ -873,11 +873,11 @@ class Connection:
             if kind == "started":
                 self._send(SpeechStarted(ms))
                 if self.input.barge_in:
-                    self._barge_in((caller.ms - ms) / 1000.0)
+                    self._barge_in((caller.ms - ms) / 1000.0, by_voice=True)
             else:
                 self._send(SpeechStopped(ms))
 
-    def _barge_in(self, ago_s: float) -> None:
+    def _barge_in(self, ago_s: float, by_voice: bool = False) -> None:
         """The caller started speaking ``ago_s`` seconds ago: every turn still playing is cancelled and cut where
         the listener was then (a joined call's mark echoes, else the pacing clock), and the listener's buffer
         dropped."""
@@ -895,10 +895,10 @@ class Connection:
         for turn, heard in cut:
             with contextlib.suppress(ProtocolError):  # a turn already too old to cut
                 self._apply(machine.receive(Playback(turn=turn, played_ms=heard)))
-        self._apply(machine.cancel(None))
+        self._apply(machine.barge_in() if by_voice else machine.cancel(None))
         self._listener_cleared(None)
-        log.info("session %s: the caller spoke over turns %s: cut at %s ms", self.sid, [t for t, _ in cut],
-                 [round(h) for _, h in cut])
+        log.info("session %s: %s turns %s: cut at %s ms", self.sid, "the caller spoke over" if by_voice else "cancel:",
+                 [t for t, _ in cut], [round(h) for _, h in cut])
 
     def _heard_ms(self, turn: int, now: float, ago_s: float) -> float | None:
         """How much of ``turn`` the listener had heard ``ago_s`` seconds before ``now``; None if it was not playing

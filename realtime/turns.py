@@ -246,6 +246,7 @@ class TurnMachine:
         self._amends: dict[int, Turn] = {}  # stored turns to replace, by index
         self._turns: dict[int, _Turn] = {}  # live and still audible turns, by index
         self._open: dict[str, int] = {}  # context -> its open turn
+        self._muted: set[str] = set()  # contexts whose open turn the caller's voice cut: their text waits for turn.end
         self._next = len(history)  # index of the next turn
         self._early: dict[int, Turn] = {}  # remembered turns that finished before an earlier one (other context)
         self._store_down = False
@@ -314,8 +315,14 @@ class TurnMachine:
     def receive(self, msg: Text | Flush | TurnEnd | Cancel | Playback) -> list[Output]:
         """Apply one turn message. Raises ProtocolError for input it refuses (the session stays usable)."""
         if isinstance(msg, Text):
+            if (msg.context or "") in self._muted:
+                return []  # the rest of a reply the caller interrupted
             return self._text(msg, msg.context or "")
         context = msg.context or ""
+        if context in self._muted and isinstance(msg, (Flush, TurnEnd)):
+            if isinstance(msg, TurnEnd):
+                self._muted.discard(context)  # the interrupted reply is over: the next text opens a new turn
+            return []
         if isinstance(msg, Flush):
             turn = self._open_turn(context)
             if turn is not None:
@@ -335,8 +342,18 @@ class TurnMachine:
             return self._playback(msg)
         raise TypeError(f"not a turn message: {msg!r}")  # pragma: no cover - the gateway routes by type
 
+    def barge_in(self) -> list[Output]:
+        """The caller spoke over the session: every live turn ends now as ``cancelled`` (as ``cancel`` does), and the
+        text still arriving for a turn that was open (the rest of an LLM's reply, sent before the client heard of
+        it) is dropped until that turn's ``turn.end``, instead of opening a new turn."""
+        interrupted = set(self._open)
+        out = self.cancel(None)
+        self._muted |= interrupted
+        return out
+
     def cancel(self, context: str | None = None) -> list[Output]:
         """Barge-in on ``context`` (None: every context): its live turns end now as ``cancelled``."""
+        self._muted = set() if context is None else self._muted - {context}  # the client knows: its text is new
         turns = [t for t in self._turns.values() if t.state in IN_FLIGHT and not t.done_queued]
         turns = [t for t in turns if context is None or t.context == context]
         if not turns:

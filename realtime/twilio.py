@@ -65,6 +65,7 @@ class TwilioCall:
         self._lock = asyncio.Lock()  # frames leave from the session's send loop and from clear()
         self._pending: set[asyncio.Task[None]] = set()
         self.bad_frames = 0
+        self.close_reason = "the stream ended"
 
     # ------------------------------------------------------------------ the call's messages
 
@@ -95,16 +96,18 @@ class TwilioCall:
                     return
                 elif event != "connected":
                     self._bad(f"unknown event {event!r}")
-        except WebSocketDisconnect:
-            pass
+        except WebSocketDisconnect as exc:
+            self.close_reason = f"the stream's socket closed ({exc.code})"
+        except RuntimeError as exc:  # the server closed it first (a keepalive ping unanswered, or shutting down)
+            self.close_reason = f"the stream's socket was closed by the server ({exc})"
         finally:
             for task in self._pending:
                 task.cancel()
             if self.conn is not None:
                 self.conn.detach_call(self)
                 self.conn.notify(CallStopped(call=self.call_sid, reason="hangup" if stopped else "disconnected"))
-                log.info("session %s: call %s ended (%s)", self.conn.sid, self.call_sid,
-                         "hangup" if stopped else "disconnected")
+                how = "hangup" if stopped else f"disconnected: {self.close_reason}"
+                (log.info if stopped else log.warning)("session %s: call %s ended (%s)", self.conn.sid, self.call_sid, how)
 
     async def _start(self, message: dict[str, Any]) -> bool:
         start = message.get("start")

@@ -218,7 +218,7 @@ def test_a_few_real_calls_hear_the_bot_and_interrupt_it(tmp_path: Path) -> None:
     assert "onset->clear" in proc.stdout and "CPU per call" in proc.stdout
     assert "phone calls joined" in (out / "report.html").read_text()
 
-    again = subprocess.run([sys.executable, "-m", "realtime", "loadtest", "report", "--out", str(out)],
+    again = subprocess.run([sys.executable, "-m", "shoal", "loadtest", "report", "--out", str(out)],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
     assert json.loads((out / "summary.json").read_text()) == summary

@@ -21,7 +21,7 @@ from engine.base import SynthesisRequest
 from engine.espeak import SAMPLE_RATE, EspeakConfig, EspeakSynthesizer
 from realtime.audio import mulaw_decode, mulaw_encode
 from realtime.caller import InputFormat, InputStream
-from realtime.protocol import Text, TurnEnd
+from realtime.protocol import Text, TurnDone, TurnEnd, TurnStarted
 from realtime.vad import VAD_RATE, VoiceActivity
 from sessions.embedded import EmbeddedRedis
 from sessions.store import SessionStore
@@ -343,3 +343,19 @@ def test_a_committed_caller_turn_is_in_the_next_turns_context() -> None:
     while sim.write():
         pass
     assert sim.stored[1].context == "input" and sim.stored[1].audio_ms == 186
+
+
+def test_the_rest_of_a_reply_the_caller_interrupted_does_not_start_a_new_turn() -> None:
+    """An LLM streams its reply token by token; the caller speaks over it. The tokens already on their way (sent
+    before the client heard of the barge-in) and the reply's turn.end belong to the cancelled turn, not to a new one."""
+    sim = Sim()
+    sim.send(Text("Let me tell you about "))
+    sim.apply(sim.m.barge_in())
+    sim.send(Text("our opening hours. "))  # still streaming
+    sim.send(TurnEnd())  # accepted without a word: the interrupted reply ends here
+    sim.run()
+    assert [d.reason for d in sim.of(TurnDone)] == ["cancelled"] and len(sim.of(TurnStarted)) == 1
+    sim.send(Text("Sorry, go ahead."))  # the next reply is a new turn
+    sim.send(TurnEnd())
+    sim.run()
+    assert [d.reason for d in sim.of(TurnDone)] == ["cancelled", "complete"] and len(sim.of(TurnStarted)) == 2
