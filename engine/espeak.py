@@ -158,20 +158,39 @@ class EspeakSynthesizer:
         worker = slot.worker
         assert worker is not None
         self._busy += 1
-        hung = False
+        # The worker's audio is taken as fast as it comes (up to the window) and the worker goes back to the pool as
+        # soon as it has said the request: a consumer that paces its audio to real time (the gateway, lead_ms ahead
+        # of the listener) must not hold a worker for the seconds the utterance lasts, or a few sessions would
+        # queue everyone else. A consumer that stops pulling still stops espeak-ng once the window is full.
+        queue: asyncio.Queue[AudioChunk | EngineError | None] = asyncio.Queue(maxsize=self.config.window)
+
+        async def drain() -> None:
+            hung = False
+            stream = worker.client.synthesize(request)
+            try:
+                async for chunk in stream:
+                    await queue.put(chunk)
+                await queue.put(None)
+            except WorkerStalled:
+                hung = True
+                await queue.put(EngineError(f"espeak worker {worker.pid} stopped answering"))
+            except WorkerLost as exc:  # (the engine closed under this stream: it ends quietly)
+                await queue.put(None if self._closed else EngineError(f"espeak worker {worker.pid} is gone: {exc}"))
+            finally:
+                await stream.aclose()  # cancels the request over the RPC if it was cut short
+                self._busy -= 1
+                self._release(slot, worker, replace=hung or not worker.alive)
+
+        task = asyncio.get_running_loop().create_task(drain(), name=f"espeak-{worker.pid}")
         try:
-            async for chunk in worker.client.synthesize(request):
-                yield chunk
-        except WorkerStalled:
-            hung = True
-            raise EngineError(f"espeak worker {worker.pid} stopped answering") from None
-        except WorkerLost as exc:
-            if self._closed:  # the engine was closed under this stream: it ends quietly
-                return
-            raise EngineError(f"espeak worker {worker.pid} is gone: {exc}") from None
+            while (item := await queue.get()) is not None:
+                if isinstance(item, EngineError):
+                    raise item
+                yield item
         finally:
-            self._busy -= 1
-            self._release(slot, worker, replace=hung or not worker.alive)
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _spawn(self) -> RpcProcess:
         config = self.config
