@@ -1,5 +1,6 @@
 """The packages depend on each other one way only (no cycle): engine and sessions on nothing of ours, realtime on
-engine and sessions, loadtest on realtime's protocol, and only the ``shoal`` command on all of them."""
+engine and sessions, loadtest on realtime (its protocol and audio) and engine (the built-in voice gives its simulated
+callers a voice), and only the ``shoal`` command on all of them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ ALLOWED = {
     "engine": set(),
     "sessions": set(),
     "realtime": {"engine", "sessions"},
-    "loadtest": {"realtime"},
+    "loadtest": {"realtime", "engine"},
     "shoal": {"realtime", "loadtest", "engine", "sessions"},
 }
 
