@@ -6,7 +6,9 @@ a time; requests wait for a free worker. Each worker is an engine served over th
 ``window`` chunks in flight and makes more only as the consumer pulls them (a consumer that stops pulling stops
 espeak-ng). The worker plans the request, speaks it and reports its word timing; this side routes requests to
 free workers and replaces a worker that dies or stops answering (its request fails with EngineError; the pool stays
-usable). Closing the iterator cancels the utterance mid-word; the worker takes the next request within milliseconds.
+usable), when the restart policy of every out-of-process engine says (``engine.supervisor``: after 0.1 s, doubling up
+to 5 s while a slot's workers keep failing young; the reason logged once; restarts counted). Closing the iterator
+cancels the utterance mid-word; the worker takes the next request within milliseconds.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from engine.espeak_voice import SAMPLE_RATE, plan_segments
 from engine.rpc import MAX_WINDOW
 from engine.rpc_client import ClientConfig, WorkerLost, WorkerStalled
 from engine.rpc_process import RpcProcess
+from engine.supervisor import Backoff, Supervisor
 
 __all__ = ["SAMPLE_RATE", "EspeakConfig", "EspeakStats", "EspeakSynthesizer"]
 
 log = logging.getLogger(__name__)
 
 _LANGUAGE = re.compile(r"[a-z]{2,3}(-[a-z0-9]{1,8})*")
+_BACKOFF = Backoff(first_s=0.1, max_s=5.0, settled_s=10.0)  # a worker starts in ~0.1 s: replace it about as fast
 
 
 def _default_workers() -> int:
@@ -75,7 +79,8 @@ class EspeakStats:
 class _Slot:
     """A place in the pool; holds a worker process, or None while there is none (it is spawned on demand)."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int) -> None:
+        self.index = index  # the slot's index in the restart policy
         self.worker: RpcProcess | None = None
 
 
@@ -87,15 +92,14 @@ class EspeakSynthesizer:
     def __init__(self, config: EspeakConfig | None = None) -> None:
         self.config = config or EspeakConfig()
         self._client_config = ClientConfig(window=self.config.window, stall_timeout_s=self.config.stall_timeout_s)
-        self._slots = [_Slot() for _ in range(self.config.workers)]
+        self._slots = [_Slot(i) for i in range(self.config.workers)]
+        self._supervisor = Supervisor("espeak worker {slot}", self.config.workers, _BACKOFF, say=log.warning)
         self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
-        self._last_error: str | None = None
         self._busy = 0
         self._received_before = 0  # chunks received by workers since replaced
-        self._restarts = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -107,9 +111,9 @@ class EspeakSynthesizer:
         for slot, result in zip(self._slots, results, strict=True):
             if isinstance(result, RpcProcess):
                 slot.worker = result
+                self._supervisor.started(slot.index)
             elif isinstance(result, EngineError):
-                self._last_error = str(result)
-                log.warning("%s", result)
+                self._supervisor.failed(slot.index, f"could not start: {result}")
             else:
                 raise result
             self._idle.put_nowait(slot)
@@ -118,6 +122,7 @@ class EspeakSynthesizer:
         if self._closed:
             return
         self._closed = True
+        self._supervisor.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -131,14 +136,16 @@ class EspeakSynthesizer:
             return "not started"
         if self._closed:
             return "closed"
-        if self._last_error is not None and not any(s.worker is not None and s.worker.alive for s in self._slots):
-            return f"no espeak worker can be started: {self._last_error}"
+        failure = self._supervisor.last_failure  # None once a worker has started since the latest failure
+        if failure is not None and not any(s.worker is not None and s.worker.alive for s in self._slots):
+            return f"no espeak worker is running: {failure}"
         return None
 
     def stats(self) -> EspeakStats:
         live = [s.worker for s in self._slots if s.worker is not None and s.worker.alive]
         received = self._received_before + sum(s.worker.client.received for s in self._slots if s.worker is not None)
-        return EspeakStats(workers=len(live), busy=self._busy, chunks_received=received, restarts=self._restarts)
+        return EspeakStats(workers=len(live), busy=self._busy, chunks_received=received,
+                           restarts=self._supervisor.restarts)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live workers (for monitoring and tests)."""
@@ -179,7 +186,7 @@ class EspeakSynthesizer:
             finally:
                 await stream.aclose()  # cancels the request over the RPC if it was cut short
                 self._busy -= 1
-                self._release(slot, worker, replace=hung or not worker.alive)
+                self._release(slot, replace=hung or not worker.alive, hung=hung)
 
         task = asyncio.get_running_loop().create_task(drain(), name=f"espeak-{worker.pid}")
         try:
@@ -205,19 +212,31 @@ class EspeakSynthesizer:
                 raise EngineError("espeak engine is closed")
             if slot.worker is None or not slot.worker.alive:
                 if slot.worker is not None:  # died while idle
-                    await self._retire(slot)
-                slot.worker = await self._spawn()
-                self._last_error = None
-        except EngineError as exc:
-            self._last_error = str(exc)
-            self._idle.put_nowait(slot)
-            raise
+                    await self._retire(slot, hung=False)
+                await self._start(slot)
         except BaseException:
             self._idle.put_nowait(slot)
             raise
         return slot
 
-    def _release(self, slot: _Slot, worker: RpcProcess, *, replace: bool) -> None:
+    async def _start(self, slot: _Slot) -> None:
+        """Start a worker in the empty ``slot`` once the restart policy allows. Raises EngineError if it does not
+        come up (the policy says why) or the engine closed meanwhile."""
+        await asyncio.sleep(self._supervisor.wait_s(slot.index))
+        if self._closed:
+            raise EngineError("espeak engine is closed")
+        try:
+            worker = await self._spawn()
+        except EngineError as exc:
+            self._supervisor.failed(slot.index, f"could not start: {exc}")
+            raise
+        if self._closed:  # aclose() did not see it: end it here
+            await worker.close(kill=True)
+            raise EngineError("espeak engine is closed")
+        slot.worker = worker
+        self._supervisor.started(slot.index)
+
+    def _release(self, slot: _Slot, *, replace: bool, hung: bool) -> None:
         """Give the slot back; runs in the iterator's ``finally``, so it never awaits (a task replaces a worker).
         A request closed mid-stream was cancelled over the RPC: the worker aborts it before its next one."""
         if self._closed:
@@ -225,26 +244,26 @@ class EspeakSynthesizer:
         if not replace:
             self._idle.put_nowait(slot)
             return
-        task = asyncio.get_running_loop().create_task(self._replace(slot))
+        task = asyncio.get_running_loop().create_task(self._replace(slot, hung=hung))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _retire(self, slot: _Slot) -> None:
+    async def _retire(self, slot: _Slot, *, hung: bool) -> None:
+        """End the slot's dead or hung worker and tell the restart policy why it went."""
         worker, slot.worker = slot.worker, None
-        if worker is not None:
-            self._received_before += worker.client.received
-            await worker.close(kill=True)
-            self._restarts += 1
+        assert worker is not None
+        self._received_before += worker.client.received
+        await worker.close(kill=True)
+        reason = "stopped answering" if hung else f"exited with code {worker.proc.returncode}"
+        self._supervisor.failed(slot.index, reason, pid=worker.pid)
 
-    async def _replace(self, slot: _Slot) -> None:
-        """Kill a dead or hung worker and start a fresh one in its slot (or leave it empty to retry later)."""
+    async def _replace(self, slot: _Slot, *, hung: bool) -> None:
+        """Kill a dead or hung worker and start a fresh one in its slot (or leave it empty to retry on demand)."""
         try:
-            await self._retire(slot)
-            slot.worker = await self._spawn()
-            self._last_error = None
-        except EngineError as exc:
-            self._last_error = str(exc)
-            log.warning("%s", exc)
+            await self._retire(slot, hung=hung)
+            await self._start(slot)
+        except EngineError:
+            pass  # the restart policy said why; the next request for this slot tries again
         finally:
             if not self._closed:
                 self._idle.put_nowait(slot)

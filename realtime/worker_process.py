@@ -14,8 +14,9 @@ of engines. A worker process:
 4. on SIGTERM / SIGINT deregisters first (no new sessions come), lets requests in flight finish (bounded), closes.
 
 ``WorkerSupervisor`` starts N such processes on 127.0.0.1 in a pool of the gateway's own (``local-<host>-<pid>``),
-waits until all are registered, forwards their output with a ``[w<i>]`` prefix, restarts one that dies (with
-backoff; the restarted process takes the same id, so its sessions come back to it) and stops them all on exit.
+waits until all are registered, forwards their output with a ``[w<i>]`` prefix, restarts one that dies (the restart
+policy of every out-of-process engine, ``engine.supervisor``: backoff, the reason said once, a restart count; the
+restarted process takes the same id, so its sessions come back to it) and stops them all on exit.
 Configuration reaches workers only through their command line.
 """
 
@@ -40,6 +41,7 @@ from typing import TextIO
 from engine.base import Synthesizer
 from engine.pool import PoolMember
 from engine.rpc_server import WorkerConfig, WorkerServer
+from engine.supervisor import Backoff, Supervisor
 from sessions.store import StoreError
 from sessions.registry import WorkerRecord, WorkerRegistry, check_name
 
@@ -228,7 +230,6 @@ class LocalWorkers:
 class _Child:
     slot: int
     proc: subprocess.Popen[str]
-    started: float = field(default_factory=time.monotonic)
     ready: threading.Event = field(default_factory=threading.Event)
     address: str | None = None
     lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
@@ -246,10 +247,16 @@ class WorkerSupervisor:
         self.redis_url = redis_url
         self.log_to = log_to
         self.children: list[_Child] = []
-        self.restarts = 0
+        # restarts one that dies: after 1 s, doubling up to 30 s while they keep dying young
+        self.policy = Supervisor("engine worker w{slot}", spec.count, Backoff(first_s=1.0, max_s=30.0),
+                                 say=self._say)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
+
+    @property
+    def restarts(self) -> int:
+        return self.policy.restarts
 
     def command(self, slot: int) -> list[str]:
         cmd = [sys.executable, "-m", "realtime"] + (["-v"] if self.spec.verbose else [])
@@ -274,6 +281,7 @@ class WorkerSupervisor:
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every worker (they deregister and drain), then SIGKILL what is left after ``timeout_s``."""
         self._stopping.set()
+        self.policy.stop()
         with self._lock:
             children = list(self.children)
         for child in children:
@@ -302,6 +310,7 @@ class WorkerSupervisor:
             start_new_session=True,  # a Ctrl-C meant for the gateway does not hit workers mid-drain; stop() does
         )
         child = _Child(slot, proc)
+        self.policy.started(slot)
         threading.Thread(target=self._read, args=(child,), name=f"worker-w{slot}-output", daemon=True).start()
         return child
 
@@ -316,28 +325,20 @@ class WorkerSupervisor:
             self._say(f"[{child.worker_id}] {line.rstrip()}")
 
     def _watch(self) -> None:
-        """Restart workers that exit on their own: after 1 s, doubling up to 30 s while they keep dying young."""
-        backoff: dict[int, float] = {}
-        due: dict[int, float] = {}
+        """Restart workers that exit on their own, when the restart policy says (``engine.supervisor``)."""
         while not self._stopping.wait(0.1):
+            if not self.spec.restart:
+                continue
             for i, child in enumerate(list(self.children)):
-                if child.proc.poll() is None or not self.spec.restart:
+                if child.proc.poll() is None:
                     continue
-                now = time.monotonic()
-                if i not in due:
-                    lived = now - child.started
-                    delay = 1.0 if lived > 60 else min(30.0, backoff.get(i, 0.5) * 2)
-                    backoff[i] = delay
-                    due[i] = now + delay
-                    self._say(f"engine worker {child.worker_id} (pid {child.proc.pid}) exited with code "
-                              f"{child.proc.returncode}; restarting it in {delay:.0f} s")
-                elif now >= due[i]:
-                    del due[i]
+                if not self.policy.failing(i):
+                    self.policy.failed(i, f"exited with code {child.proc.returncode}", pid=child.proc.pid)
+                elif self.policy.wait_s(i) == 0:
                     with self._lock:
                         if self._stopping.is_set():
                             return
                         self.children[i] = self._spawn(child.slot)
-                        self.restarts += 1
 
     def _say(self, line: str) -> None:
         with contextlib.suppress(ValueError, OSError):  # the stream may be closed at exit
