@@ -186,3 +186,6 @@ class CallLink(Protocol):
     def heard_ms(self, turn: int, at: float) -> float | None:
         """How much of ``turn`` the caller had heard at monotonic time ``at``, from the mark echoes; None if the
         call cannot tell."""
+
+    async def end(self, reason: str) -> None:
+        """The session is over (its application left): close the call's stream."""

@@ -348,6 +348,9 @@ class Connection:
             await self._send_now(Error("internal", "internal server error; reconnect to resume", fatal=True),
                                  self.encoding, CLOSE_INTERNAL)
         self._report_lost("the connection ended before the store took them")  # e.g. cut off by a shutdown
+        if self.call is not None:  # a joined phone call has no session to hear any more
+            await self.call.end("the application's session ended")
+            self.call = None
         if self.session is not None:
             try:
                 await self.store.release(self.session.id, self.owner)

@@ -216,6 +216,17 @@ class TwilioCall:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    async def end(self, reason: str) -> None:
+        self.close_reason = reason
+        if self.conn is not None:
+            log.info("session %s: call %s ended: %s", self.conn.sid, self.call_sid, reason)
+        self.conn = None  # the session's connection is ending: nothing to detach from or tell
+        try:
+            async with asyncio.timeout(2.0):
+                await self.ws.close(1000, reason[:120])
+        except (RuntimeError, OSError, TimeoutError, WebSocketDisconnect):
+            pass  # already gone
+
     def heard_ms(self, turn: int, at: float) -> float | None:
         echo = self._echoes.get(turn)
         if echo is None:

@@ -359,3 +359,26 @@ def test_the_rest_of_a_reply_the_caller_interrupted_does_not_start_a_new_turn() 
     sim.send(TurnEnd())
     sim.run()
     assert [d.reason for d in sim.of(TurnDone)] == ["cancelled", "complete"] and len(sim.of(TurnStarted)) == 2
+
+
+async def test_a_call_ends_when_its_session_ends(server: Server) -> None:
+    app = await Client.connect(server.url)
+    ready = await app.start()
+    sim = TwilioSim(await websockets.connect(server.url.replace("/v1/realtime", "/v1/twilio")))
+    await sim.start(ready["session"])
+    await app.until("call.started")
+    await app.close()  # the application leaves: the call has nothing to hear any more
+    async with asyncio.timeout(10):
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await sim.ws.recv()
+    assert sim.ws.close_code == 1000
+
+
+async def test_a_call_for_a_session_that_is_not_live_is_refused(server: Server) -> None:
+    sim = TwilioSim(await websockets.connect(server.url.replace("/v1/realtime", "/v1/twilio")))
+    await sim.start("nobody-here")
+    async with asyncio.timeout(10):
+        with pytest.raises(websockets.ConnectionClosed):
+            await sim.ws.recv()
+    assert sim.ws.close_code == 4404
