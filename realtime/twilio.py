@@ -126,7 +126,7 @@ class TwilioCall:
             return False
         media = start.get("mediaFormat")
         media = media if isinstance(media, dict) else {}
-        if (media.get("encoding", "audio/x-mulaw"), int(media.get("sampleRate", 8000) or 0)) != ("audio/x-mulaw", 8000):
+        if (media.get("encoding", "audio/x-mulaw"), str(media.get("sampleRate", 8000))) != ("audio/x-mulaw", "8000"):
             log.warning("call %s refused: media format %r is not mu-law 8 kHz", self.call_sid, media)
             await self.ws.close(CLOSE_POLICY, "unsupported media format")
             return False

@@ -382,3 +382,21 @@ async def test_a_call_for_a_session_that_is_not_live_is_refused(server: Server) 
         with pytest.raises(websockets.ConnectionClosed):
             await sim.ws.recv()
     assert sim.ws.close_code == 4404
+
+
+async def test_a_broken_media_stream_is_refused_and_the_server_goes_on(server: Server) -> None:
+    """Frames that are not Twilio's (not JSON, odd media formats, garbage payloads) never take the server down."""
+    app = await Client.connect(server.url)
+    ready = await app.start()
+    ws = await websockets.connect(server.url.replace("/v1/realtime", "/v1/twilio"))
+    await ws.send("not json at all")
+    await ws.send(json.dumps(["a", "list"]))
+    await ws.send(json.dumps({"event": "start", "streamSid": "MZ1", "start": {
+        "customParameters": {"session": ready["session"]}, "mediaFormat": {"encoding": "audio/L16", "sampleRate": "x"}}}))
+    async with asyncio.timeout(10):
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code == 1008
+    done, _ = await speak(app, ["Still here."], 0)
+    assert done["reason"] == "complete"
+    await app.close()
