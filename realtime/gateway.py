@@ -707,7 +707,7 @@ class Connection:
             speakers=tuple(SpeakerSpec(s.speaker, s.voice) for s in self.session.speakers),
             history=tuple(
                 {"turn": t.index, "speaker": t.speaker, "text": t.text, "state": t.state, "audio_ms": t.audio_ms}
-                for t in history[-READY_HISTORY_TURNS:]
+                for t in history[-READY_HISTORY_TURNS:] if t is not None
             )
             or None,
             input=self.input.to_wire() if self.input is not None else None,

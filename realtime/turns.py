@@ -95,11 +95,16 @@ class Limits:
     audible_turns: int = 8  # ... and for at most this many finished turns
     max_unstored: int = 64  # finished turns waiting for the store before new turns are refused
     max_contexts: int = 8  # contexts with a turn in flight at once
+    # stored turns kept in memory as the engine's context (newest first); older ones live only in the store, so a
+    # long conversation costs a bounded amount of memory (S2 Pro's 4096-token window holds fewer turns than this)
+    context_turns: int = 128
 
     def __post_init__(self) -> None:
         if (self.turn_chars < 1 or self.buffered_chars < 1 or self.max_unstored < 1 or self.audible_turns < 1
                 or self.max_contexts < 1):
             raise ValueError("limits must be positive")
+        if self.context_turns < self.audible_turns:
+            raise ValueError("context_turns must be at least audible_turns (a turn that can still be cut is kept)")
         if self.audible_s <= 0:
             raise ValueError("audible_s must be positive")
 
@@ -234,7 +239,9 @@ class TurnMachine:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.history = history  # the conversation as remembered: stored turns, then those waiting for the store
+        # the conversation as remembered: stored turns, then those waiting for the store; a stored turn older than
+        # the last ``context_turns`` is None here (it is in the store, and no longer in any engine's context)
+        self.history: list[Turn | None] = list(history)
         self.limits = limits or Limits()
         self.clock = clock
         self.wall = wall
@@ -250,6 +257,8 @@ class TurnMachine:
         self._next = len(history)  # index of the next turn
         self._early: dict[int, Turn] = {}  # remembered turns that finished before an earlier one (other context)
         self._store_down = False
+        self._forgotten = 0  # history[:_forgotten] is None
+        self._forget()  # a resumed long conversation: only its recent turns in memory
         self.default_speaker = 0
         self.timestamps = "none"  # output.timestamps: which timing messages go out (none | words | visemes)
 
@@ -758,11 +767,18 @@ class TurnMachine:
         i = write.turn.index
         if write.op == "append" and i == self.stored:
             self.stored += 1
+            self._forget()
             if self.history[i] is not write.turn:  # cut again while it was being appended
                 self._amends[i] = self.history[i]
         elif write.op == "amend" and self._amends.get(i) is write.turn:
             del self._amends[i]
         self._store_down = False
+
+    def _forget(self) -> None:
+        """Drop stored turns older than the last ``context_turns`` from memory (the store keeps them)."""
+        while self._forgotten < self.stored - self.limits.context_turns:
+            self.history[self._forgotten] = None
+            self._forgotten += 1
 
     def write_failed(self, write: Write, error: str) -> list[Output]:
         """A write failed (the store is down or timed out); it will be retried. The client is told once per outage."""
@@ -812,7 +828,7 @@ class TurnMachine:
         order they *started*, whole (the model has no notion of two voices at once, and the store keeps them in the
         same order), and a turn still in flight in another context is not in it: lines spoken over each other do
         not hear each other, and the next turn after them hears both."""
-        past = [PastTurn(t.speaker, t.text, t.codes) for t in self.history if t.text]
+        past = [PastTurn(t.speaker, t.text, t.codes) for t in self.history if t is not None and t.text]
         t = self._turns.get(turn)
         if t is not None:
             for seg in t.segments:

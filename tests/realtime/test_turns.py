@@ -744,3 +744,22 @@ def test_words_past_the_frame_budget_are_left_out() -> None:
     words = sim.of(Words)[0].words
     assert [w["text"] for w in words] == ["One", "two", "three"]
     assert words[-1]["end_ms"] == ms_of(3 * FRAME)  # the last one heard is cut where the audio stops
+
+
+def test_a_long_conversation_keeps_only_its_recent_turns_in_memory() -> None:
+    """A session that talks for hours holds a bounded conversation in memory: the last ``context_turns`` stored turns
+    (the engine's context); older ones are only in the store (found by a 30-minute soak: memory grew with every turn)."""
+    sim = Sim(limits=Limits(context_turns=10))
+    for i in range(40):
+        sim.say(f"Line number {i}.")
+    kept = [t for t in sim.m.history if t is not None]
+    assert len(sim.m.history) == 40 and [t.index for t in kept] == list(range(30, 40))
+    assert [p.text for p in sim.m.past(40)] == [f"Line number {i}." for i in range(30, 40)]
+    assert len(sim.stored) == 40  # the store has them all
+    sim.send(Playback(turn=39, played_ms=1.0))  # a recent turn can still be cut
+    while sim.write():
+        pass
+    assert sim.stored[39].text == "Line"
+    resumed = TurnMachine(list(sim.stored), sample_rate=RATE, frame_ms=FRAME_MS, output_frame_ms=OUT_MS,
+                          max_frames=2048, limits=Limits(context_turns=10))
+    assert sum(t is not None for t in resumed.history) == 10 and resumed.next_turn == 40
