@@ -11,13 +11,12 @@ any other instruction is ignored.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from engine.base import PhonemeTiming, SynthesisRequest, Timing, VoiceRef, WordTiming
-from engine.markup import split_markup, words_of
+from engine.markup import split_markup, word_runs
 
 __all__ = [
     "SAMPLE_RATE",
@@ -166,16 +165,12 @@ def plan_segments(request: SynthesisRequest, language: str) -> list[Segment]:
     return segments
 
 
-_RUN = re.compile(r"\S+")
-
-
 def _word_runs(text: str) -> list[tuple[int, int, int | None]]:
     """(start, end, word index or None) of each whitespace-separated run of ``text``; words as ``words_of``."""
     runs: list[tuple[int, int, int | None]] = []
     count = 0
-    for run in _RUN.finditer(text):
-        is_word = bool(words_of(run.group()))
-        runs.append((run.start(), run.end(), count if is_word else None))
+    for start, end, is_word in word_runs(text):
+        runs.append((start, end, count if is_word else None))
         count += is_word
     return runs
 

@@ -13,7 +13,8 @@ import re
 import unicodedata
 from typing import NamedTuple
 
-__all__ = ["Piece", "SpokenWord", "clean_text", "plain_text", "split_markup", "spoken_words", "words_of"]
+__all__ = ["Piece", "SpokenWord", "clean_text", "is_word", "plain_text", "split_markup", "spoken_words", "word_runs",
+           "words_of"]
 
 _TOKEN = re.compile(
     r"<\|speaker:(?P<speaker>\d{1,9})\|>"  # speaker tag
@@ -77,10 +78,20 @@ class SpokenWord(NamedTuple):
     end: int
 
 
+def is_word(run: str) -> bool:
+    """Does a whitespace-free run of text count as a word (it holds a letter or a digit)?"""
+    return _LETTER_OR_DIGIT.search(run) is not None
+
+
+def word_runs(text: str) -> list[tuple[int, int, bool]]:
+    """Each whitespace-separated run of ``text``: its span, and whether it is a word (``is_word``)."""
+    return [(run.start(), run.end(), is_word(run.group())) for run in _RUN.finditer(text)]
+
+
 def words_of(spoken: str) -> list[str]:
     """The words of clean text: the whitespace-separated runs that hold a letter or a digit (punctuation stays
     attached: "there."; a lone dash is no word). Word timing counts these."""
-    return [run for run in spoken.split() if _LETTER_OR_DIGIT.search(run)]
+    return [run for run in spoken.split() if is_word(run)]
 
 
 def spoken_words(text: str) -> list[SpokenWord]:
@@ -93,7 +104,7 @@ def spoken_words(text: str) -> list[SpokenWord]:
         region = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in text[position:end])  # as clean_text
         for run in _RUN.finditer(region):
             word = run.group().replace("[", "").replace("]", "")
-            if _LETTER_OR_DIGIT.search(word):
+            if is_word(word):
                 out.append(SpokenWord(word, position + run.start(), position + run.end()))
         if match is not None:
             position = match.end()

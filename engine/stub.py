@@ -16,14 +16,13 @@ import asyncio
 import functools
 import hashlib
 import math
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.base import AudioChunk, EngineError, EngineInfo, PhonemeTiming, SynthesisRequest, Timing, WordTiming
-from engine.markup import split_markup
+from engine.markup import is_word, split_markup, word_runs
 
 __all__ = ["FRAME_MS", "StubConfig", "StubSynthesizer", "fake_codes", "stub_timing"]
 
@@ -81,10 +80,6 @@ class _Run:
     text: str  # the piece's spoken text
 
 
-_RUN = re.compile(r"\S+")
-_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
-
-
 def stub_timing(runs: list[_Run], samples_per_frame: int) -> Timing:
     """Each run's samples shared among its characters: a word spans its characters, each letter is a phoneme
     lasting one character's share, and a pause ("") starts at each word's end."""
@@ -94,13 +89,13 @@ def stub_timing(runs: list[_Run], samples_per_frame: int) -> Timing:
     for run in runs:
         samples = run.codes.shape[1] * samples_per_frame
         at = lambda char: start + samples * char // len(run.text)  # noqa: E731 - sample where character `char` starts
-        for match in _RUN.finditer(run.text):
-            if not _LETTER_OR_DIGIT.search(match.group()):
+        for first_char, last_char, word in word_runs(run.text):
+            if not word:
                 continue
-            first, last = at(match.start()), at(match.end())
+            first, last = at(first_char), at(last_char)
             words.append(WordTiming(len(words), first, max(last, first + 1)))
-            phonemes.extend(PhonemeTiming(c.lower(), at(match.start() + i)) for i, c in enumerate(match.group())
-                            if _LETTER_OR_DIGIT.match(c))
+            phonemes.extend(PhonemeTiming(c.lower(), at(first_char + i))
+                            for i, c in enumerate(run.text[first_char:last_char]) if is_word(c))
             phonemes.append(PhonemeTiming("", last))
         start += samples
     return Timing(words=tuple(words), phonemes=tuple(phonemes))
