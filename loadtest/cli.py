@@ -245,11 +245,14 @@ def run_loadtest(args: argparse.Namespace) -> int:
             for name in ("rss_mb", "fds", "tasks"):
                 v = verdict.get(name)
                 if v:
-                    print(f"{name:8} {v['start']:g} -> {v['end']:g} (min {v['min']:g}, max {v['max']:g}; "
-                          f"allowed +{v['allowed']:g}): {'flat' if v['flat'] else 'GROWING'}")
+                    print(f"{name:8} {v['start']:g} -> {v['end']:g} over the second half ({v['per_min']:+g}/min; "
+                          f"min {v['min']:g}, max {v['max']:g}; allowed +{v['allowed']:g}; first half "
+                          f"{v['fill']:+g}): {'flat' if v['flat'] else 'GROWING'}")
             settled = verdict["settled"]
-            print(f"after    connections {settled['connections_after']:g}, fds {settled['fds']['before']} -> "
-                  f"{settled['fds']['after']}, tasks {settled['tasks']['before']:g} -> {settled['tasks']['after']:g}: "
+            print(f"after    connections {settled['connections_after']:g}, client sockets "
+                  f"{settled['client_sockets_after']}, files {settled['files']['before']} -> "
+                  f"{settled['files']['after']}, tasks {settled['tasks']['before']:g} -> {settled['tasks']['after']:g}"
+                  f" (store and worker sockets {settled['sockets']['before']} -> {settled['sockets']['after']}): "
                   f"{'settled' if settled['ok'] else 'NOT settled'}")
             flat = {True: "flat", False: "NOT flat", None: "no verdict (too short)"}[verdict["flat"]]
             print(f"soak: {verdict['run']['sessions_ready']}/{config.sessions} sessions, {verdict['run']['turns']} "

@@ -2,11 +2,14 @@
 
 Every ``sample_s`` the server's resident memory and open file descriptors (psutil, by pid) and its asyncio task
 count and open connections (``/metrics``) are sampled into ``soak.csv``, beside the run's usual raw events and
-report. ``soak.json`` says whether each stayed flat under load: the median of the last tenth of the samples taken
-while turns were starting against the median of the first tenth after warm-up, within ``max(share x start,
-floor)``; and whether the server settled once the clients left (no connection open, file descriptors and tasks
-back to within a few of where they were before the run). Resident memory may grow a little as allocators settle;
-a leak grows without bound, so a 30-minute run tells them apart.
+report. ``soak.json`` says whether each stayed flat under load, judged on the second half of the load: bounded
+caches fill in the first (each session's in-memory window of recent turns, ``Limits.context_turns``; the allocator's
+arenas), a leak keeps growing in the second too. The median of the last tenth of the samples taken while turns were
+starting is set against the median of the first tenth of the second half, within ``max(share x start, floor)``;
+the first half's growth and the second half's slope per minute are reported beside it. And whether the server
+settled once the clients left: no connection open, no client socket left, other file descriptors and tasks back to
+within a few of where they were before the run. Sockets to the store and the engine workers are reported, not
+judged: the store's connection pool keeps, idle, the connections it opened at the peak of concurrent commands.
 """
 
 from __future__ import annotations
@@ -73,29 +76,34 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-SETTLED = {"fds": 5, "tasks": 5}  # after the run, at most this many more than before it
+SETTLED = {"files": 5, "tasks": 5}  # after the run, at most this many more than before it
 
 
 def flatness(samples: list[Sample], warmup_s: float, until_s: float) -> dict[str, Any]:
-    """Per series: start and end (medians of the first and last tenth of the samples under load), growth,
-    allowed, flat."""
+    """Per series over the second half of the load: start and end (medians of its first and last tenth), growth,
+    allowed, flat, slope per minute; and ``fill``, the growth over the first half, for information."""
     steady = [s for s in samples if warmup_s <= s.t <= until_s]
     out: dict[str, Any] = {"samples": len(steady)}
-    if len(steady) < 10:
+    if len(steady) < 20:
         return {**out, "flat": None, "why": "too few samples after warm-up for a verdict"}
-    tenth = max(1, len(steady) // 10)
+    first, second = steady[:len(steady) // 2], steady[len(steady) // 2:]
+    out["judged_from_s"] = second[0].t
+    tenth = max(1, len(second) // 10)
     flat = True
     for name, (share, floor) in FLAT.items():
-        values = [getattr(s, name) for s in steady]
+        values = [getattr(s, name) for s in second]
         if any(v != v for v in values):  # NaN: not measured
             out[name] = None
             continue
+        head = [getattr(s, name) for s in first[:tenth]]
         start, end = statistics.median(values[:tenth]), statistics.median(values[-tenth:])
         allowed = max(share * start, floor)
         ok = end - start <= allowed
         flat = flat and ok
+        slope = statistics.linear_regression([s.t for s in second], values).slope * 60.0
         out[name] = {"start": start, "end": end, "min": min(values), "max": max(values),
-                     "growth": round(end - start, 2), "allowed": round(allowed, 2), "flat": ok}
+                     "growth": round(end - start, 2), "allowed": round(allowed, 2), "flat": ok,
+                     "per_min": round(slope, 3), "fill": round(start - statistics.median(head), 2)}
     return {**out, "flat": flat}
 
 
@@ -105,6 +113,8 @@ def soak(config: SwarmConfig, out_dir: Path, server_pid: int, server_info: dict[
     parts = urlsplit(config.url)
     scheme = "https" if parts.scheme == "wss" else "http"
     sampler = _Sampler(server_pid, f"{scheme}://{parts.netloc}/metrics", sample_s)
+    port = parts.port or (443 if scheme == "https" else 80)
+    fds_before = _fd_kinds(server_pid, port)
     sampler.start()
     try:
         summary = run_once(config, out_dir, server_pid, server_info, progress=progress)
@@ -122,7 +132,7 @@ def soak(config: SwarmConfig, out_dir: Path, server_pid: int, server_info: dict[
         "duration_s": config.duration_s,
         "sample_s": sample_s,
         **flatness(samples, config.measure_from_s, config.duration_s),
-        "settled": _settled(samples[0], samples[-1]),
+        "settled": _settled(samples[0], samples[-1], fds_before, _fd_kinds(server_pid, port)),
         "run": {k: summary[k] for k in ("sessions_ready", "turns", "errors", "underruns", "ttfa_ms")},
         "sane": summary["sanity"]["ok"],
     }
@@ -130,12 +140,37 @@ def soak(config: SwarmConfig, out_dir: Path, server_pid: int, server_info: dict[
     return verdict
 
 
-def _settled(before: Sample, after: Sample) -> dict[str, Any]:
+def _fd_kinds(pid: int, port: int) -> dict[str, int]:
+    """The process's file descriptors: ``client_sockets`` (TCP on the served port, not listening), ``sockets``
+    (all other sockets: the listener, the store's pool, engine workers) and ``files`` (everything else)."""
+    proc = psutil.Process(pid)
+    try:
+        clients = sum(1 for c in proc.net_connections(kind="tcp")
+                      if c.laddr and c.laddr.port == port and c.status != psutil.CONN_LISTEN)
+    except (psutil.AccessDenied, OSError):
+        clients = -1  # not visible: judged by the connections gauge alone
+    sockets = files = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue  # closed while listed
+        if target.startswith("socket:"):
+            sockets += 1
+        else:
+            files += 1
+    return {"client_sockets": max(clients, 0), "sockets": sockets - max(clients, 0), "files": files}
+
+
+def _settled(before: Sample, after: Sample, fds_before: dict[str, int], fds_after: dict[str, int]) -> dict[str, Any]:
     """The server once the clients have gone, against before they came."""
-    out: dict[str, Any] = {"connections_after": after.connections}
-    ok = after.connections == 0
-    for name, slack in SETTLED.items():
-        b, a = getattr(before, name), getattr(after, name)
-        out[name] = {"before": b, "after": a}
-        ok = ok and a <= b + slack
+    out: dict[str, Any] = {"connections_after": after.connections,
+                           "client_sockets_after": fds_after["client_sockets"],
+                           "fds": {"before": before.fds, "after": after.fds},
+                           "sockets": {"before": fds_before["sockets"], "after": fds_after["sockets"]},
+                           "files": {"before": fds_before["files"], "after": fds_after["files"]},
+                           "tasks": {"before": before.tasks, "after": after.tasks}}
+    ok = after.connections == 0 and fds_after["client_sockets"] == 0
+    ok = ok and fds_after["files"] <= fds_before["files"] + SETTLED["files"]
+    ok = ok and after.tasks <= before.tasks + SETTLED["tasks"]
     return {**out, "ok": ok}

@@ -35,3 +35,8 @@ def test_a_leak_is_not_flat() -> None:
               for t in range(100)]
     assert flatness(steady, 5.0, 95.0)["flat"] is True
     assert flatness(steady[:8], 5.0, 95.0)["flat"] is None  # too short to tell
+    # A bounded cache that fills in the first half and then holds is not a leak; its fill is reported.
+    fills = [Sample(t=float(t), rss_mb=100.0 + min(t, 40) + (t % 3), fds=20, tasks=50.0, connections=4.0)
+             for t in range(100)]
+    verdict = flatness(fills, 5.0, 95.0)
+    assert verdict["flat"] is True and verdict["rss_mb"]["fill"] > 20 and abs(verdict["rss_mb"]["per_min"]) < 5
