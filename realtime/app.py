@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -44,8 +45,8 @@ def create_app(
     """An app serving protocol v1 at /v1/realtime. Engine, aligner and store are started and closed by its lifespan.
     ``store_status``: the embedded Redis's supervisor state, shown by /healthz (outage, restarts). ``aligner``:
     estimates word timing when the engine reports none (S2 Pro)."""
-    metrics = Metrics()
-    metrics.add_engine(lambda: engine_stats(engine))
+    metrics = Metrics(config.metrics_dir)
+    metrics.add_engine(lambda: engine_stats(engine), shared=isinstance(engine, PoolEngine))
     gateway = Gateway(config, engine, store, metrics, aligner=aligner)
 
     @contextlib.asynccontextmanager
@@ -53,9 +54,12 @@ def create_app(
         await store.connect()
         await engine.start()
         await gateway.start_aligner()
+        sampler = asyncio.create_task(_sample_metrics(metrics)) if config.metrics_dir is not None else None
         try:
             yield
         finally:
+            if sampler is not None:
+                sampler.cancel()
             await gateway.shutdown(config.shutdown_timeout_s)
             await gateway.close_aligner()
             await engine.aclose()
@@ -166,6 +170,16 @@ def create_app(
 
 
 _TOKEN_REQUEST_BYTES = 16 << 10
+
+
+async def _sample_metrics(metrics: Metrics, period_s: float = 1.0) -> None:
+    """One of several gateway processes: write this process's scrape-time values for the others' scrapes."""
+    while True:
+        try:
+            metrics.sample()
+        except Exception:  # a metric must never take the gateway down; say it once a period at most
+            log.exception("sampling the metrics failed")
+        await asyncio.sleep(period_s)
 
 
 def _http_error(status: int, code: str, message: str) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -194,6 +195,9 @@ def add_commands(sub: Any) -> dict[str, Command]:
                        help="set a limit or quota (README: Security); repeatable, e.g. --limit voices_per_tenant=25")
     serve.add_argument("--max-contexts", type=_bounded(int, 1, 64, "--max-contexts"), default=8,
                        help="concurrent contexts a session may have in flight (default 8)")
+    serve.add_argument("--processes", type=_processes, default=1, metavar="N|auto",
+                       help="gateway processes sharing the port, the store and the engine workers (default 1; auto: "
+                            "one per core); with --engine s2pro, give --workers too")
     pool = serve.add_argument_group("worker pool")
     pool.add_argument("--workers", type=_bounded(int, 0, 64, "--workers"), default=0,
                       help="run the engine in N local worker processes (default 0: in this process)")
@@ -294,7 +298,14 @@ def run_worker(args: argparse.Namespace) -> int:
     return serve_worker(_engine_from_args(args), options)
 
 
+def _processes(value: str) -> int:
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return _bounded(int, 1, 256, "--processes")(value)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    from realtime.processes import GatewayStartError
     from realtime.server import serve  # uvicorn only where it is needed
     from realtime.worker_process import LocalWorkers, WorkerStartError
 
@@ -310,13 +321,21 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.allowed_origins is not None:
             origins = OriginPolicy(tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
         config = ServerConfig(host=args.host, port=args.port, redis_url=args.redis, data_dir=args.data_dir,
-                              keys=keys, origins=origins, engine=_engine_name(args), limits=limits)
+                              keys=keys, origins=origins, engine=_engine_name(args), limits=limits,
+                              processes=args.processes)
         if args.worker_pool:
-            return serve(config, None, worker_pool=args.worker_pool)
+            return serve(config, None, worker_pool=args.worker_pool, verbose=args.verbose)
         if args.workers:
             workers = LocalWorkers(count=args.workers, engine_argv=_engine_argv(args), verbose=args.verbose)
-            return serve(config, None, workers=workers)
-    except WorkerStartError as exc:
+            return serve(config, None, workers=workers, verbose=args.verbose)
+        if args.processes > 1:
+            if config.engine == "s2pro":
+                raise CliError("--processes with the s2pro engine would load the model once per process: add "
+                               "--workers N (the gateway processes then share the N engine workers)")
+            # each gateway process builds its own light engine (stub, built-in voice)
+            return serve(config, None, engine_factory=functools.partial(_engine_from_args, args),
+                         verbose=args.verbose)
+    except (WorkerStartError, GatewayStartError) as exc:
         raise CliError(str(exc)) from None
     except ValueError as exc:
         raise CliError(str(exc)) from None

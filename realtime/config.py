@@ -63,8 +63,13 @@ class ServerConfig:
     session_ttl_s: int = 24 * 3600
     shutdown_timeout_s: float = 3.0
     limits: GatewayLimits = field(default_factory=GatewayLimits)
+    processes: int = 1  # gateway processes sharing the port (SO_REUSEPORT), the store and the engine workers
+    # set in each of several gateway processes: where they share their metrics (prometheus-client multiprocess)
+    metrics_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        if not 1 <= self.processes <= 256:
+            raise ValueError(f"processes must be within 1..256, got {self.processes}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be within 0..65535, got {self.port}")
         if self.session_ttl_s < 60:

@@ -16,10 +16,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TextIO
 
 import uvicorn
@@ -32,6 +35,7 @@ from realtime.config import ServerConfig
 from realtime.gateway import Gateway
 from realtime.guards import GuardedEventLoop, handshake_guarded
 from realtime.logs import rate_limit_handlers
+from realtime.processes import GatewayProcesses, gateway_spec, listening_socket, reserve_port
 from realtime.worker_process import LocalWorkers, RegistryMembers, WorkerSupervisor
 from sessions.embedded import EmbeddedRedis, default_data_dir, find_redis_server
 from sessions.store import SessionStore
@@ -43,12 +47,14 @@ log = logging.getLogger("shoal.server")
 class _Server(uvicorn.Server):
     """uvicorn fails open WebSockets with 1012 on exit; drain ours first, with a proper goodbye."""
 
-    def __init__(self, config: uvicorn.Config, gateway: Gateway, timeout_s: float, on_started: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, timeout_s: float, on_started: Callable[[], None],
+                 signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)):
         super().__init__(config)
         self._gateway = gateway
         self._timeout_s = timeout_s
         self._drained = False
         self._on_started = on_started
+        self._signals = signals
 
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[override]
         await super().startup(sockets)
@@ -61,7 +67,7 @@ class _Server(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in self._signals}
         try:
             yield
         finally:
@@ -82,14 +88,24 @@ def serve(
     *,
     workers: LocalWorkers | None = None,
     worker_pool: str | None = None,
+    engine_factory: Callable[[], Synthesizer] | None = None,
+    on_ready: Callable[[], None] | None = None,
+    reuse_port: bool = False,
+    verbose: bool = False,
 ) -> int:
     """Serve until a signal. Returns the process exit code.
 
     ``engine`` runs in process; or give ``workers`` (start local worker processes) or ``worker_pool`` (use the
     workers registered under that pool name) and ``engine=None``. Raises ``WorkerStartError`` if a local worker
-    does not come up.
+    does not come up. With ``config.processes`` > 1 this process starts the gateways (realtime.processes) and
+    serves nothing itself: give ``engine_factory`` (each gateway builds its own engine), or workers.
+    ``reuse_port``: listen on a socket of our own with SO_REUSEPORT (one of several gateways; SIGINT is left to
+    the parent). ``on_ready`` is called once listening.
     """
-    assert (engine is None) == (workers is not None or worker_pool is not None), "an engine, or workers"
+    if config.processes > 1:
+        assert engine is None and (engine_factory is not None) != (workers is not None or worker_pool is not None)
+    else:
+        assert (engine is None) == (workers is not None or worker_pool is not None), "an engine, or workers"
     embedded: EmbeddedRedis | None = None
     supervisor: WorkerSupervisor | None = None
     redis_url = config.redis_url
@@ -111,6 +127,9 @@ def serve(
             worker_pool = workers.pool
             addresses = ", ".join(f"{c.worker_id} at {c.address}" for c in supervisor.children)
             pool_desc = f"{workers.count} local engine workers in pool {workers.pool} ({addresses})"
+        if config.processes > 1:
+            return _serve_processes(config, redis_url, engine_factory, worker_pool, out, verbose,
+                                    [f"store {store_desc}"] + ([f"workers: {pool_desc}"] if pool_desc else []))
         # one Redis connection pool for the process: the store's, connected and closed in the app's lifespan; the
         # worker registry the pool reads is a guest on it
         store = SessionStore(redis_url, session_ttl_s=config.session_ttl_s)
@@ -154,16 +173,52 @@ def serve(
             print(f"shoal: store {store_desc}", file=out)
             print(f"shoal: listening on http://{config.host}:{port}/ (protocol v1 at ws://{config.host}:{port}/v1/realtime)", file=out)
             out.flush()
+            if on_ready is not None:
+                on_ready()
 
-        server = _Server(uv_config, app.state.gateway, config.shutdown_timeout_s, announce)
+        sockets = None
+        signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+        if reuse_port:
+            sockets, signals = [listening_socket(config.host, config.port)], (signal.SIGTERM,)
+        server = _Server(uv_config, app.state.gateway, config.shutdown_timeout_s, announce, signals)
         with asyncio.Runner(loop_factory=GuardedEventLoop) as runner:  # backs off accepting when out of fds
-            runner.run(server.serve())
+            runner.run(server.serve(sockets=sockets))
         return 0 if server.started else 1
     finally:
         if supervisor is not None:
             supervisor.stop()
         if embedded is not None:
             embedded.stop()
+
+
+def _serve_processes(config: ServerConfig, redis_url: str, engine_factory: Callable[[], Synthesizer] | None,
+                     worker_pool: str | None, out: TextIO, verbose: bool, shared: list[str]) -> int:
+    """The parent of ``config.processes`` gateways: hold the port, start them, restart any that dies, and on
+    SIGINT/SIGTERM stop them (each drains). The store and workers are the caller's (started before, stopped after)."""
+    holder = reserve_port(config.host, config.port)
+    port = holder.getsockname()[1]
+    metrics_dir = Path(tempfile.mkdtemp(prefix="shoal-metrics-"))
+    spec = gateway_spec(config, redis_url, port, metrics_dir, engine_factory, worker_pool, verbose)
+    gateways = GatewayProcesses(spec, config.processes)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        gateways.start()
+        print(f"shoal: {config.processes} gateway processes (pids {', '.join(map(str, gateways.pids))}) on one port",
+              file=out)
+        for line in shared:
+            print(f"shoal: {line}", file=out)
+        print(f"shoal: listening on http://{config.host}:{port}/ (protocol v1 at "
+              f"ws://{config.host}:{port}/v1/realtime)", file=out)
+        out.flush()
+        gateways.supervise(stop)
+        return 0
+    finally:
+        gateways.stop(config.shutdown_timeout_s + 10.0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        holder.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _redact(url: str) -> str:
