@@ -93,7 +93,8 @@ def sweep(
             st = results[n]
             progress.write(
                 f"sweep: {n} sessions -> ttfa p99 {st['ttfa_ms']['p99']} ms, underruns {st['underruns']}, "
-                f"errors {st['errors']}, server cpu {st['server_cpu']} % ({st['server_cpu_per_stream']} per stream): {'pass' if ok else 'FAIL'}\n"
+                f"errors {st['errors']}, server cpu {st['server_cpu']} % ({st['server_cpu_per_stream']} per "
+                f"stream): {'pass' if ok else 'FAIL'}\n"
             )
         time.sleep(settle_s)  # let the server close the last level's sessions
         return ok
