@@ -150,3 +150,13 @@ def test_server_cpu_sums_the_gateway_processes_of_the_tree_apart_from_its_other_
             child.kill()
         sup.kill()
         sup.wait()
+
+
+def test_process_counts_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "shoal", "loadtest", "--sessions", "2", "--duration", "1", "--quiet", "--out",
+            str(tmp_path)]
+    for args, says in ((["--url", "ws://127.0.0.1:9/v1/realtime", "--processes", "2"], "--processes goes with --serve"),
+                       (["--serve", "stub", "--client-processes", "0"], "positive number or auto"),
+                       (["--serve", "stub", "--processes", "two"], "positive number or auto")):
+        proc = subprocess.run(base + args, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
