@@ -8,6 +8,8 @@
     shoal loadtest sweep --serve stub --start 100 --step 100 --max-sessions 800 --out DIR
     shoal loadtest report --out DIR          # recompute summary.json and the report from DIR/raw
     shoal loadtest soak --serve stub --sessions 66 --duration 1800 --out DIR   # 80 % of capacity, watched for leaks
+    shoal loadtest --serve stub --processes auto --client-processes auto --sessions 300 --out DIR
+                                             # gateways in N processes, the load from one process per core
 
 Exit status: 0 when the run completed and its events are sane (with ``--check``: and within the thresholds);
 1 when the events show impossible orderings, nothing could run, or (``--check``) a threshold broke; 2 for usage
@@ -17,6 +19,7 @@ errors.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +42,18 @@ def _range(kind: type) -> Any:
     return parse
 
 
+def _processes(value: str) -> str:
+    """N (a positive count) or ``auto`` (one per core), kept as given."""
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {value!r}")
+    return value
+
+
+def _count(value: str) -> int:
+    """``--client-processes``: N or ``auto`` (os.cpu_count())."""
+    return (os.cpu_count() or 1) if _processes(value) == "auto" else int(value)
+
+
 def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``loadtest`` on the ``shoal`` command's subparsers."""
     p = sub.add_parser(
@@ -55,7 +70,12 @@ def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
                         help="start `shoal serve --engine ENGINE` on a free port for the run, and stop it after")
     target.add_argument("--stub-ttft-ms", type=float, default=20.0, help="with --serve stub (default 20)")
     target.add_argument("--stub-frame-ms", type=float, default=12.0, help="with --serve stub (default 12)")
-    target.add_argument("--server-pid", type=int, help="pid whose CPU to sample (default: the one listening on --url)")
+    target.add_argument("--processes", type=_processes, metavar="N|auto",
+                        help="with --serve: `shoal serve --processes N` (N gateway processes sharing the port; auto: "
+                             "one per core); their CPU is summed as the server's")
+    target.add_argument("--server-pid", type=int,
+                        help="root of the server's process tree whose CPU to sample (default: the one listening on "
+                             "--url, or the parent of the several that do)")
     target.add_argument("--profile", action="store_true", help="record the server with py-spy during the window")
     load = p.add_argument_group("load")
     load.add_argument("--sessions", type=int, default=10, help="concurrent sessions (default 10)")
@@ -94,6 +114,10 @@ def add_loadtest_parser(sub: Any) -> argparse.ArgumentParser:
     load.add_argument("--prebuffer-ms", type=float, default=40.0, help="player jitter buffer: playback starts once this much audio is in (default 40)")
     load.add_argument("--compression", action="store_true", help="offer permessage-deflate, as browsers do")
     load.add_argument("--floor-probes", type=int, default=8, help="bare WebSocket round-trip probes (default 8)")
+    load.add_argument("--client-processes", type=_count, default=1, metavar="N|auto",
+                      help="load-generator processes the sessions are split over, so that the client is never the "
+                           "bottleneck (default 1: all in this one; auto: one per core); floor probes and CPU "
+                           "sampling stay in this process")
     thr = p.add_argument_group("thresholds (sweep; run with --check)")
     thr.add_argument("--ttfa-p99-ms", type=float, default=50.0, help="default 50")
     thr.add_argument("--max-underruns", type=int, default=0, help="default 0")
@@ -140,7 +164,30 @@ def _config(args: argparse.Namespace, url: str) -> SwarmConfig:
         floor_probes=args.floor_probes,
         telephony=args.telephony,
         vad_bench_s=args.vad_bench_s,
+        client_processes=args.client_processes,
     )
+
+
+def headline(s: dict[str, Any]) -> str:
+    """Server CPU per stream beside the floor, in one line (summaries from before the headline have none)."""
+    h = s.get("headline")
+    if not h:
+        return f"server CPU per stream {s['cpu']['server_per_stream']} % of a core (with children)"
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{x:.2f} %"
+
+    floor = [] if h["floor_ms_p50"] is None else [f"WebSocket round trip p50 {h['floor_ms_p50']:.2f} ms"]
+    if h.get("codec_floor_pct") is not None:
+        floor.append(f"codec {pct(h['codec_floor_pct'])} of a core per stream")
+    procs = h["gateway_processes"]
+    return (f"server CPU per stream {pct(h['server_cpu_per_stream'])} of a core "
+            f"({procs if procs is not None else '–'} gateway process{'es' if procs != 1 else ''}, "
+            f"{h['server_cpu'] if h['server_cpu'] is not None else '–'} % for {h['streams']} streams; "
+            f"{pct(h['server_cpu_per_stream_with_children'])} with engine and store); "
+            f"client {pct(h['client_cpu_per_stream'])} in {h['client_processes']} process"
+            f"{'es' if h['client_processes'] != 1 else ''}"
+            + (f"; floor: {', '.join(floor)}" if floor else ""))
 
 
 def _print_summary(s: dict[str, Any], out_dir: Path) -> None:
@@ -150,6 +197,7 @@ def _print_summary(s: dict[str, Any], out_dir: Path) -> None:
         return "–" if x.get("p50") is None else f"p50 {x['p50']:.1f} p90 {x['p90']:.1f} p99 {x['p99']:.1f} max {x['max']:.1f}"
 
     cpu = s["cpu"]
+    print(headline(s))
     print(f"sessions {s['sessions_ready']}/{s['sessions']}, turns {s['turns']} measured, streams {s['streams_mean']}")
     print(f"TTFA ms        {d(s['ttfa_ms'])}")
     print(f"floor ms       {d(s['floor_ms'])}")
@@ -207,14 +255,19 @@ def run_loadtest(args: argparse.Namespace) -> int:
     if (args.url is None) == (args.serve is None):
         print("shoal loadtest: error: give exactly one of --url or --serve", file=sys.stderr)
         return 2
+    if args.processes is not None and args.serve is None:
+        print("shoal loadtest: error: --processes goes with --serve (with --url, start the server yourself)",
+              file=sys.stderr)
+        return 2
     server = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if args.serve is not None:
             extra = ["--stub-ttft-ms", str(args.stub_ttft_ms), "--stub-frame-ms", str(args.stub_frame_ms)] if args.serve == "stub" else []
-            server = ServerProcess(args.serve, out_dir / "server.log", extra)
+            server = ServerProcess(args.serve, out_dir / "server.log", extra, processes=args.processes)
             url, pid = server.url, server.pid
-            info: dict[str, Any] = {"command": " ".join(server.command[1:]), "engine": args.serve}
+            info: dict[str, Any] = {"command": " ".join(server.command[1:]), "engine": args.serve,
+                                    "processes": args.processes or "1", "gateway_pids_at_start": server.gateways}
             if args.serve == "stub":
                 info.update(stub_ttft_ms=args.stub_ttft_ms, stub_frame_ms=args.stub_frame_ms)
         else:

@@ -15,6 +15,7 @@ MAX_TURNS = 10_000  # per session
 MAX_CONTEXTS = 64  # per session (the server allows 8 by default; more shows its `limit` error)
 TIMESTAMPS = ("none", "words", "visemes")  # output.timestamps (visemes includes words)
 TELEPHONY_OUTPUT = {"codec": "mulaw", "sample_rate": 8000, "frame_ms": 20}  # what a Twilio Media Stream plays
+MAX_CLIENT_PROCESSES = 64
 MAX_VAD_BENCH_S = 55.0  # the benchmark cuts its upsampled audio out of the input stream's 60 s ring
 
 
@@ -84,6 +85,8 @@ class SwarmConfig:
     # Twilio Media Stream joins it, plays its mu-law audio and speaks over a share (barge_in) of its turns
     telephony: bool = False
     vad_bench_s: float = 30.0  # telephony: seconds of line audio through the server's input path, timed in-process
+    # load-generator processes the sessions are split over (1: all in this process); never more than sessions
+    client_processes: int = 1
 
     def __post_init__(self) -> None:
         check_loopback(self.url)
@@ -91,6 +94,9 @@ class SwarmConfig:
             raise ValueError(f"sessions must be within [1, {MAX_SESSIONS}]")
         if isinstance(self.contexts, bool) or not isinstance(self.contexts, int) or not 1 <= self.contexts <= MAX_CONTEXTS:
             raise ValueError(f"contexts must be within [1, {MAX_CONTEXTS}]")
+        if (isinstance(self.client_processes, bool) or not isinstance(self.client_processes, int)
+                or not 1 <= self.client_processes <= MAX_CLIENT_PROCESSES):
+            raise ValueError(f"client_processes must be within [1, {MAX_CLIENT_PROCESSES}]")
         if isinstance(self.turns, bool) or not isinstance(self.turns, int) or not 0 <= self.turns <= MAX_TURNS:
             raise ValueError(f"turns must be within [0, {MAX_TURNS}]")
         _finite("duration_s", self.duration_s, 0.1, MAX_DURATION_S)
@@ -150,3 +156,8 @@ class SwarmConfig:
         d["sentences"] = list(self.sentences)
         d["think_s"] = list(self.think_s)
         return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SwarmConfig:
+        """The inverse of :meth:`to_json` (how a load-generator process gets its settings)."""
+        return cls(**{**d, "sentences": tuple(d["sentences"]), "think_s": tuple(d["think_s"])})

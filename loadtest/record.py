@@ -19,10 +19,15 @@ Kinds and their fields:
     err    t sid code message fatal                    error from the server, or a client-side failure
     close  t sid why                                   the session ended (done | error | timeout | closed)
     floor  t probe rtt_ms                              a bare WebSocket round trip
-    cpu    t server children client system server_wait client_wait
-                                                       CPU %, 100 = one core (server: the gateway process,
-                                                       children: its subprocesses, e.g. engine workers, Redis;
-                                                       *_wait: % of time the event loop waited for a CPU)
+    cpu    t server children client system server_wait client_wait gateways client_max
+                                                       CPU %, 100 = one core (server: the gateway processes,
+                                                       those of the server's tree listening on its port;
+                                                       children: the rest of the tree, e.g. engine workers,
+                                                       Redis; client: all load-generator processes, client_max
+                                                       the busiest; *_wait: % of time an event loop waited for
+                                                       a CPU, the most starved process's; gateways: how many;
+                                                       see :mod:`loadtest.cpu`; the last two are missing in
+                                                       runs from before several processes)
     lag    t ms                                        the client's event-loop lag (timer overshoot)
 
 Telephony (``--telephony``, :mod:`loadtest.call`): a turn's ``a`` events are the call's ``media`` (seq counted by
@@ -46,10 +51,15 @@ trailing ``context`` field; readers take a missing one as ``None``.
 
 Packing happens inline (about a microsecond per event) into a buffer that is written out periodically, so
 recording never stalls the event loop.
+
+With several load-generator processes (``--client-processes``) every process records into a part file of its
+own on the same clock (``t0`` is the parent's ``time.monotonic()``, which is system-wide), and :func:`merge` makes
+them one ``events.msgpack``, ordered by time, each part's own order kept.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,12 +72,12 @@ META_FILE = "meta.json"
 
 
 class Recorder:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, t0: float | None = None) -> None:
         self.path = path
         self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._packer = msgpack.Packer(use_bin_type=True)
         self._buf = bytearray()
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic() if t0 is None else t0  # the run's start (time.monotonic(), shared by processes)
         self.count = 0
 
     def now(self) -> float:
@@ -93,3 +103,20 @@ def read_events(path: Path) -> Iterator[list[Any]]:
     with open(path, "rb") as f:
         unpacker = msgpack.Unpacker(f, raw=False, use_list=True, max_buffer_size=64 << 20)
         yield from unpacker
+
+
+def merge(parts: list[Path], out: Path, chunk: int = 1 << 20) -> int:
+    """Write the events of ``parts`` into ``out`` as one stream ordered by time (``heapq.merge``: each part's own
+    order is kept, so every session's events stay in the order they were recorded). Returns the number of events."""
+    packer = msgpack.Packer(use_bin_type=True)
+    count = 0
+    buf = bytearray()
+    with open(out, "wb") as f:
+        for ev in heapq.merge(*(read_events(p) for p in parts), key=lambda ev: ev[1]):
+            buf += packer.pack(ev)
+            count += 1
+            if len(buf) >= chunk:
+                f.write(buf)
+                buf = bytearray()
+        f.write(buf)
+    return count

@@ -88,7 +88,8 @@ def plot_cpu(a: Analysis, path: Path) -> str:
     ax = fig.add_subplot()
     if a.cpu:
         t = np.array([row[0] for row in a.cpu])
-        labels = ("server (gateway process)", "server children (engine, Redis)", "load-test client", "whole machine")
+        labels = ("server (gateway processes)", "server children (engine, Redis)", "load-test client (all processes)",
+                  "whole machine")
         for i, label in enumerate(labels, start=1):
             y = np.array([np.nan if row[i] is None else row[i] for row in a.cpu], dtype=float)
             if not np.all(np.isnan(y)):
@@ -171,13 +172,52 @@ def _rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("audio seconds (measured)", f"{s['audio_seconds']} ({s['audio_seconds_measured']})"),
         ("server CPU % mean / max", _mean_max(cpu["server"])),
         ("server children CPU % mean / max", _mean_max(cpu["server_children"])),
-        ("server CPU % per stream", f"{cpu['server_per_stream']}"),
-        ("client CPU % mean / max", _mean_max(cpu["client"])),
+        ("server CPU % per stream: gateway processes; with children",
+         f"{(s.get('headline') or {}).get('server_cpu_per_stream', '–')}; {cpu['server_per_stream']}"),
+        ("client CPU % mean / max (busiest generator process)",
+         _mean_max(cpu["client"]) + (f" ({_mean_max(cpu['client_max'])})" if cpu.get("client_max") else "")),
+        *_process_rows(s),
         ("other processes CPU % mean / max", _mean_max(cpu["other"]) + (" (machine busy: numbers not valid!)" if s["machine_busy"] else "")),
         ("waiting for a CPU % of time, server / client loop", f"{_mean(cpu.get('server_wait'))} / {_mean(cpu.get('client_wait'))}"),
         ("client loop lag ms", _fmt(s["client_lag_ms"]) + (" (client saturated!)" if s["client_saturated"] else "")),
         ("sanity", "ok" if s["sanity"]["ok"] else f"FAILED {s['sanity']['violations']}"),
     ]
+
+
+def _process_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Which processes were measured: the gateways, and the load generators with their share of the sessions."""
+    rows = []
+    gateways = (s.get("server") or {}).get("gateway_pids")
+    if gateways:
+        rows.append(("gateway processes (pids)", f"{len(gateways)} ({', '.join(map(str, gateways))})"))
+    clients = s.get("client_processes") or []
+    if len(clients) > 1:
+        rows.append(("load-generator processes: pid (sessions)",
+                     ", ".join(f"{c['pid']} ({c['sessions']})" for c in clients)))
+    return rows
+
+
+def _headline_html(s: dict[str, Any]) -> str:
+    """Server CPU per stream, beside the floor: the first thing on the page."""
+    h = s.get("headline")
+    if not h:
+        return ""
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{x:.2f} %"
+
+    floor = []
+    if h["floor_ms_p50"] is not None:
+        floor.append(f"bare WebSocket round trip p50 {h['floor_ms_p50']:.2f} ms")
+    if h.get("codec_floor_pct") is not None:
+        floor.append(f"the codec alone {pct(h['codec_floor_pct'])} of a core per stream")
+    return (
+        f"<p class='headline'><b>Server CPU per stream: {pct(h['server_cpu_per_stream'])} of a core</b> "
+        f"({html.escape(str(h['gateway_processes']))} gateway process(es), {html.escape(str(h['server_cpu']))} % "
+        f"for {h['streams']} concurrent streams; {pct(h['server_cpu_per_stream_with_children'])} with the engine and "
+        f"the store). Load generator: {pct(h['client_cpu_per_stream'])} per stream in {h['client_processes']} "
+        f"process(es)." + (f" Floor: {html.escape('; '.join(floor))}." if floor else "") + "</p>"
+    )
 
 
 def _timing_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
@@ -255,7 +295,8 @@ def write_report(a: Analysis, out_dir: Path, extra_html: str = "") -> Path:
     title = (f"Shoal load test: {s['sessions']} {what}{f' x {contexts} contexts' if contexts > 1 else ''}, "
              f"{cfg['duration_s']:g} s, {cfg['codec']}")
     body = (
-        _table(_rows(s))
+        _headline_html(s)
+        + _table(_rows(s))
         + note
         + "".join(f"<img src='{html.escape(name)}' alt='{html.escape(name)}'>" for name in images)
         + extra_html

@@ -1,11 +1,15 @@
 """Optionally start the server under test: ``shoal serve --port 0`` on loopback, as a separate process.
 
 Only the command line is used (the load test imports nothing of the server). Its output goes to a log file;
-the URL comes from the line that names the port it got.
+the URL comes from the line that names the port it got. With ``processes`` (``shoal serve --processes N|auto``:
+N gateway processes sharing the port, under a supervising parent) the process started is the parent, and the
+gateways are the processes of its tree listening on the port (:func:`loadtest.cpu.gateway_pids`), waited for
+after the start.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -14,17 +18,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from loadtest.cpu import gateway_pids
+
 _LISTEN = re.compile(r"listening on http://([\d.]+):(\d+)/")
 
 
 class ServerProcess:
-    def __init__(self, engine: str, log_path: Path, extra: list[str] | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(self, engine: str, log_path: Path, extra: list[str] | None = None, timeout_s: float = 60.0,
+                 processes: str | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="shoal-loadtest-")
         cmd = [
             sys.executable, "-m", "realtime", "serve", "--host", "127.0.0.1", "--port", "0",
             "--data-dir", str(Path(self._tmp.name) / "data"), "--engine", engine,
             # every simulated client comes from 127.0.0.1: lift the per-address quotas meant for real clients
             "--limit", "connections_per_address=100000", "--limit", "sessions_per_address=100000", *(extra or []),
+            *(["--processes", processes] if processes is not None else []),
         ]
         self.command = cmd
         self.log_path = log_path
@@ -41,6 +49,17 @@ class ServerProcess:
         if not self.port:
             self.stop()
             raise RuntimeError(f"shoal serve did not start; see {log_path}:\n{log_path.read_text(errors='replace')[-2000:]}")
+        self.gateways = self._wait_gateways(expected_processes(processes), deadline)
+
+    def _wait_gateways(self, expected: int, deadline: float) -> list[int]:
+        """The gateway processes, once ``expected`` of them listen (or what listens by the deadline)."""
+        found: list[int] = []
+        for _ in range(10_000):  # bounded by count and by time
+            found = gateway_pids(self.pid, self.port)
+            if len(found) >= expected or time.monotonic() >= deadline or self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        return found
 
     @property
     def pid(self) -> int:
@@ -61,3 +80,10 @@ class ServerProcess:
         self._log.close()
         self._tmp.cleanup()
         return self.proc.returncode
+
+
+def expected_processes(processes: str | None) -> int:
+    """How many gateway processes ``shoal serve --processes`` starts: N, ``auto`` one per core, none given one."""
+    if processes is None:
+        return 1
+    return (os.cpu_count() or 1) if processes == "auto" else int(processes)

@@ -1,19 +1,22 @@
 """Soak: a long run at steady load (say 80 % of the capacity a sweep found), watching the server for leaks.
 
-Every ``sample_s`` the server's resident memory and open file descriptors (psutil, by pid) and its asyncio task
-count and open connections (``/metrics``) are sampled into ``soak.csv``, beside the run's usual raw events and
-report. ``soak.json`` says whether each stayed flat under load, judged on the second half of the load: bounded
-caches fill in the first (each session's in-memory window of recent turns, ``Limits.context_turns``; the allocator's
-arenas), a leak keeps growing in the second too. The median of the last tenth of the samples taken while turns were
-starting is set against the median of the first tenth of the second half, within ``max(share x start, floor)``;
-the first half's growth and the second half's slope per minute are reported beside it. And whether the server
-settled once the clients left: no connection open, no client socket left, other file descriptors and tasks back to
-within a few of where they were before the run. Sockets to the store and the engine workers are reported, not
-judged: the store's connection pool keeps, idle, the connections it opened at the peak of concurrent commands.
+Every ``sample_s`` the server's resident memory and open file descriptors (psutil; summed over its gateway
+processes, those of its process tree listening on the port: one unless ``shoal serve --processes N``) and its
+asyncio task count and open connections (``/metrics``) are sampled into ``soak.csv``, beside the run's usual raw
+events and report. ``soak.json`` says whether each stayed flat under load, judged on the second half of the load:
+bounded caches fill in the first (each session's in-memory window of recent turns, ``Limits.context_turns``; the
+allocator's arenas), a leak keeps growing in the second too. The median of the last tenth of the samples taken
+while turns were starting is set against the median of the first tenth of the second half, within ``max(share x
+start, floor)``; the first half's growth and the second half's slope per minute are reported beside it. And whether
+the server settled once the clients left: no connection open, no client socket left, other file descriptors and
+tasks back to within a few of where they were before the run. Sockets to the store and the engine workers are
+reported, not judged: the store's connection pool keeps, idle, the connections it opened at the peak of concurrent
+commands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -30,6 +33,7 @@ import httpx
 import psutil
 
 from loadtest.config import SwarmConfig
+from loadtest.cpu import gateway_pids
 from loadtest.runner import run_once
 
 # series -> (allowed share of growth, allowed growth floor in the series' unit)
@@ -43,12 +47,23 @@ class Sample:
     fds: int
     tasks: float  # NaN if /metrics did not answer
     connections: float
+    gateways: int = 1  # the gateway processes whose memory and descriptors are summed
+
+
+def _gateways(pid: int, port: int) -> list[psutil.Process]:
+    """The server's gateway processes: those of the tree under ``pid`` listening on ``port`` (``shoal serve
+    --processes N``: N of them), or ``pid`` itself if none can be seen."""
+    procs = []
+    for gateway in gateway_pids(pid, port) or [pid]:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(gateway))
+    return procs
 
 
 class _Sampler(threading.Thread):
-    def __init__(self, pid: int, metrics_url: str, period_s: float) -> None:
+    def __init__(self, pid: int, port: int, metrics_url: str, period_s: float) -> None:
         super().__init__(name="soak-sampler", daemon=True)
-        self.proc = psutil.Process(pid)
+        self.pid, self.port = pid, port
         self.metrics_url = metrics_url
         self.period_s = period_s
         self.samples: list[Sample] = []
@@ -66,9 +81,14 @@ class _Sampler(threading.Thread):
             text = http.get(self.metrics_url).text
         except httpx.HTTPError:
             text = ""
-        return Sample(t=round(time.monotonic() - self.t0, 2), rss_mb=round(self.proc.memory_info().rss / 2**20, 1),
-                      fds=self.proc.num_fds(), tasks=_metric(text, "shoal_event_loop_tasks"),
-                      connections=_metric(text, "shoal_connections_open"))
+        rss = fds = 0
+        gateways = _gateways(self.pid, self.port)
+        for proc in gateways:
+            with contextlib.suppress(psutil.Error):
+                rss, fds = rss + proc.memory_info().rss, fds + proc.num_fds()
+        return Sample(t=round(time.monotonic() - self.t0, 2), rss_mb=round(rss / 2**20, 1), fds=fds,
+                      tasks=_metric(text, "shoal_event_loop_tasks"), connections=_metric(text, "shoal_connections_open"),
+                      gateways=len(gateways))
 
 
 def _metric(text: str, name: str) -> float:
@@ -112,8 +132,8 @@ def soak(config: SwarmConfig, out_dir: Path, server_pid: int, server_info: dict[
     """Run the swarm as ``run_once`` does, sampling the server throughout; write soak.csv and soak.json."""
     parts = urlsplit(config.url)
     scheme = "https" if parts.scheme == "wss" else "http"
-    sampler = _Sampler(server_pid, f"{scheme}://{parts.netloc}/metrics", sample_s)
     port = parts.port or (443 if scheme == "https" else 80)
+    sampler = _Sampler(server_pid, port, f"{scheme}://{parts.netloc}/metrics", sample_s)
     fds_before = _fd_kinds(server_pid, port)
     sampler.start()
     try:
@@ -141,9 +161,19 @@ def soak(config: SwarmConfig, out_dir: Path, server_pid: int, server_info: dict[
 
 
 def _fd_kinds(pid: int, port: int) -> dict[str, int]:
-    """The process's file descriptors: ``client_sockets`` (TCP on the served port, not listening), ``sockets``
+    """The gateway processes' file descriptors, summed (see :func:`_fd_kinds_of`)."""
+    total = {"client_sockets": 0, "sockets": 0, "files": 0}
+    for proc in _gateways(pid, port):
+        with contextlib.suppress(psutil.Error, OSError):
+            for k, v in _fd_kinds_of(proc, port).items():
+                total[k] += v
+    return total
+
+
+def _fd_kinds_of(proc: psutil.Process, port: int) -> dict[str, int]:
+    """A process's file descriptors: ``client_sockets`` (TCP on the served port, not listening), ``sockets``
     (all other sockets: the listener, the store's pool, engine workers) and ``files`` (everything else)."""
-    proc = psutil.Process(pid)
+    pid = proc.pid
     try:
         clients = sum(1 for c in proc.net_connections(kind="tcp")
                       if c.laddr and c.laddr.port == port and c.status != psutil.CONN_LISTEN)

@@ -18,6 +18,10 @@ Definitions (all times on the load-test client's clock):
   follows its segment's ``segment`` (``words_before_segment``), ``visemes`` follow their ``words``
   (``visemes_before_words``), and neither comes unasked (``timing_unrequested``).
 - floor: a bare WebSocket round trip (:mod:`loadtest.floor`); overhead = TTFA percentile - floor percentile.
+- headline: server CPU per stream, the gateway processes' mean CPU (% of one core, summed over the processes
+  listening on the served port) over the mean concurrent streams; ``with_children`` adds the rest of the server's
+  process tree (engine workers, Redis). Beside it the floor: the bare round trip's p50 and, when meta.json has
+  ``codec_floor_pct``, the codec's own cost per stream. CPU is sampled in the measured window.
 - streams: audio seconds received in the measured window / window length (average concurrent real-time streams);
   every playing context counts. ``streams_peak``: the most turns playing at once (a turn plays from its player's
   start until its audio, stalls included, has played out, or until its barge-in).
@@ -508,9 +512,11 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
     reasons = Counter(log.reason for log in measured)
     n_ready = sum(1 for s in sessions.values() if s.t_ready is not None)
     client_cpu = cpu_col(3)
+    client_max = cpu_col(8)  # the busiest load-generator process (runs before several have none: the one)
+    busiest = client_max if client_max["mean"] is not None else client_cpu
     lag_d = dist(lag_m)
     client_saturated = bool(
-        (client_cpu["mean"] is not None and float(client_cpu["mean"]) > 90.0)
+        (busiest["mean"] is not None and float(busiest["mean"]) > 90.0)
         or (lag_d["p99"] is not None and float(lag_d["p99"]) > 20.0)
     )
     phone = calls.summary(
@@ -520,7 +526,10 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         float(np.mean(server_cpu)) if server_cpu else None,
         meta.get("vad_bench"),
     ) if telephony else None  # before the sanity is written: the calls have rules of their own
+    gateway_cpu = [row[1] for row in cpu_m if row[1] is not None]
+    total_per_stream = round(float(np.mean(server_cpu)) / streams_mean, 3) if server_cpu and streams_mean > 0 else None
     summary: dict[str, Any] = {
+        "headline": _headline(gateway_cpu, total_per_stream, streams_mean, cpu_m, floor_d, client_cpu, meta),
         "sessions": int(config["sessions"]),
         "sessions_ready": n_ready,
         "turns": len(measured),
@@ -555,9 +564,8 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
             "other": other_d,
             "server_wait": cpu_col(5),
             "client_wait": cpu_col(6),
-            "server_per_stream": (
-                round(float(np.mean(server_cpu)) / streams_mean, 3) if server_cpu and streams_mean > 0 else None
-            ),
+            "server_per_stream": total_per_stream,
+            "client_max": client_max,
         },
         "client_lag_ms": lag_d,
         "client_saturated": client_saturated,
@@ -570,6 +578,7 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         "config": config,
         "machine": meta.get("machine"),
         "server": meta.get("server"),
+        "client_processes": meta.get("client_processes"),
     }
     if ttfa_p99_ms is not None or max_underruns is not None:
         summary["thresholds"] = {"ttfa_p99_ms": ttfa_p99_ms, "max_underruns": max_underruns}
@@ -582,6 +591,31 @@ def analyse(raw_dir: Path, ttfa_p99_ms: float | None = None, max_underruns: int 
         lag=lag,
         concurrency=[(t, open_at(t)) for t in sorted(opens + closes)],
     )
+
+
+def _headline(gateway_cpu: list[float], total_per_stream: float | None, streams: float, cpu_m: list[list[Any]],
+              floor: dict[str, Any], client_cpu: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The run in one line: server CPU per stream (% of one core per concurrently playing stream: the gateway
+    processes' mean CPU over the measured window / the mean concurrent streams), beside the floor (the bare
+    WebSocket round trip of the same run; and ``codec_floor_pct``, what the codec alone costs per stream, when
+    meta.json has it)."""
+    gateway = float(np.mean(gateway_cpu)) if gateway_cpu else None
+    gateways = [int(row[7]) for row in cpu_m if len(row) > 7 and row[7] is not None]
+    out: dict[str, Any] = {
+        "server_cpu_per_stream": round(gateway / streams, 3) if gateway is not None and streams > 0 else None,
+        "server_cpu_per_stream_with_children": total_per_stream,
+        "streams": round(streams, 2),
+        "server_cpu": None if gateway is None else round(gateway, 1),
+        "gateway_processes": max(gateways) if gateways else (1 if gateway_cpu else None),
+        "client_processes": len(meta.get("client_processes") or [None]),
+        "client_cpu_per_stream": (
+            round(float(client_cpu["mean"]) / streams, 3) if client_cpu["mean"] is not None and streams > 0 else None
+        ),
+        "floor_ms_p50": floor["p50"],
+    }
+    if meta.get("codec_floor_pct") is not None:
+        out["codec_floor_pct"] = meta["codec_floor_pct"]
+    return out
 
 
 def _peak(intervals: list[tuple[float, float]], lo: float = -math.inf, hi: float = math.inf) -> int:

@@ -40,6 +40,7 @@ def _step_row(n: int, summary: dict[str, Any], ok: bool, rel: str) -> dict[str, 
         "errors": summary["errors"],
         "errors_by_code": summary["errors_by_code"],
         "server_cpu": cpu["server"]["mean"],
+        "server_cpu_per_stream": (summary.get("headline") or {}).get("server_cpu_per_stream"),
         "server_children_cpu": cpu["server_children"]["mean"],
         "client_cpu": cpu["client"]["mean"],
         "client_saturated": summary["client_saturated"],
@@ -92,7 +93,8 @@ def sweep(
             st = results[n]
             progress.write(
                 f"sweep: {n} sessions -> ttfa p99 {st['ttfa_ms']['p99']} ms, underruns {st['underruns']}, "
-                f"errors {st['errors']}, server cpu {st['server_cpu']} %: {'pass' if ok else 'FAIL'}\n"
+                f"errors {st['errors']}, server cpu {st['server_cpu']} % ({st['server_cpu_per_stream']} per "
+                f"stream): {'pass' if ok else 'FAIL'}\n"
             )
         time.sleep(settle_s)  # let the server close the last level's sessions
         return ok
