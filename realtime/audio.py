@@ -18,6 +18,7 @@ Choices:
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 import os
@@ -54,6 +55,15 @@ OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 OPUS_FRAME_MS = (10, 20, 40, 60)
 _OPUS_MAX_PACKET = 4000  # libopus' recommended max_data_bytes
 _OPUS_MAX_FRAME_48K = 5760  # 120 ms at 48 kHz: the largest frame a decoder may be handed
+# The server's Opus complexity (0..10; libopus' default is 9 here). Not a client setting: it trades the server's CPU
+# per stream, not anything a client can judge, so it stays out of protocol v1's ``output``. Chosen by measurement
+# (``python -m loadtest.codec_bench``; README: load test): see the table there.
+OPUS_COMPLEXITY = 9
+# opus_encode_float called directly: the frame read in place from the numpy buffer, the packet written into one
+# buffer per encoder (opuslib's wrapper copies the frame to bytes and allocates a 4000-byte buffer per packet)
+_opus_encode_float = opuslib_next.api.libopus["opus_encode_float"]  # a private function object: argtypes are ours
+_opus_encode_float.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+_opus_encode_float.restype = ctypes.c_int
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> int:
@@ -242,7 +252,7 @@ def alaw_decode(b: bytes) -> np.ndarray:
 class AudioEncoder:
     """Streaming encoder from engine PCM (float32 mono at ``input_rate``) to wire packets of one frame each."""
 
-    def __init__(self, fmt: OutputFormat, input_rate: int) -> None:
+    def __init__(self, fmt: OutputFormat, input_rate: int, *, complexity: int = OPUS_COMPLEXITY) -> None:
         if isinstance(input_rate, bool) or not isinstance(input_rate, (int, np.integer)):
             raise ValueError(f"input_rate must be an integer, got {type(input_rate).__name__}")
         if not 4000 <= input_rate <= 192_000:
@@ -258,6 +268,11 @@ class AudioEncoder:
             self._opus = opuslib_next.Encoder(fmt.sample_rate, 1, opuslib_next.APPLICATION_AUDIO)
             self._opus.bitrate = fmt.bitrate
             self._opus.signal = opuslib_next.SIGNAL_VOICE
+            if isinstance(complexity, bool) or not isinstance(complexity, int) or not 0 <= complexity <= 10:
+                raise ValueError(f"complexity must be an integer within [0, 10], got {complexity!r}")
+            self._opus.complexity = complexity
+            self._opus_state = ctypes.cast(self._opus.encoder_state, ctypes.c_void_p).value
+            self._packet = ctypes.create_string_buffer(_OPUS_MAX_PACKET)
 
     @property
     def frame_ms(self) -> int:
@@ -300,15 +315,26 @@ class AudioEncoder:
         self._pending = buf[n * self._spf :].copy()
         if not n:
             return []
-        frames = np.nan_to_num(buf[: n * self._spf], nan=0.0).reshape(n, self._spf)
+        frames = buf[: n * self._spf].reshape(n, self._spf)
         self.frames_out += n
-        if self._opus is not None:
-            state, spf = self._opus.encoder_state, self._spf
-            frames = np.ascontiguousarray(np.clip(frames, -1.0, 1.0), dtype=np.float32)
-            return [opuslib_next.api.encoder.encode_float(state, f.tobytes(), spf, _OPUS_MAX_PACKET) for f in frames]
+        if self._opus is not None:  # one new array, cleaned in place (the sample codecs clean their own input)
+            return self._encode_opus(np.nan_to_num(np.clip(frames, -1.0, 1.0), copy=False, nan=0.0))
         data = _SAMPLE_CODECS[self.format.codec](frames)
         size = len(data) // n
         return [data[i * size : (i + 1) * size] for i in range(n)]
+
+    def _encode_opus(self, frames: np.ndarray) -> list[bytes]:
+        """One packet per row of ``frames`` (n, samples per frame)."""
+        state, spf, out = self._opus_state, self._spf, self._packet
+        frames = np.ascontiguousarray(frames, dtype=np.float32)  # (n, spf) rows read in place by libopus
+        at, stride = frames.ctypes.data, frames.strides[0]
+        packets = []
+        for i in range(frames.shape[0]):
+            size = _opus_encode_float(state, at + i * stride, spf, out, _OPUS_MAX_PACKET)
+            if size < 0:
+                raise opuslib_next.OpusError(size)
+            packets.append(ctypes.string_at(out, size))
+        return packets
 
 
 _SAMPLE_CODECS = {"pcm16": float_to_pcm16, "mulaw": mulaw_encode, "alaw": alaw_encode}
