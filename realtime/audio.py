@@ -55,10 +55,13 @@ OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 OPUS_FRAME_MS = (10, 20, 40, 60)
 _OPUS_MAX_PACKET = 4000  # libopus' recommended max_data_bytes
 _OPUS_MAX_FRAME_48K = 5760  # 120 ms at 48 kHz: the largest frame a decoder may be handed
-# The server's Opus complexity (0..10; libopus' default is 9 here). Not a client setting: it trades the server's CPU
-# per stream, not anything a client can judge, so it stays out of protocol v1's ``output``. Chosen by measurement
-# (``python -m loadtest.codec_bench``; README: load test): see the table there.
-OPUS_COMPLEXITY = 9
+# The server's Opus complexity (0..10; libopus' default is 9). Not a client setting: it trades the server's CPU per
+# stream, which a client cannot judge and should not raise, so it stays out of protocol v1's ``output``. Chosen by
+# measurement (``python -m loadtest.codec_bench``, espeak speech at 32 kb/s, this 2-core EPYC): 4 is the knee. It
+# encodes a 20 ms frame in 117 us instead of 219 us (0.59 % of a core per stream instead of 1.10 %) and sounds like
+# the default at 28-29 kb/s (SNR 15.3 vs 15.8 dB, log-spectral distance 5.6 vs 5.4 dB); 5 gives the same packets,
+# every step above costs 30-90 % more for at most 0.2 dB, and 0-1 (0.28-0.32 %) sound like the default at 20 kb/s.
+OPUS_COMPLEXITY = 4
 # opus_encode_float called directly: the frame read in place from the numpy buffer, the packet written into one
 # buffer per encoder (opuslib's wrapper copies the frame to bytes and allocates a 4000-byte buffer per packet)
 _opus_encode_float = opuslib_next.api.libopus["opus_encode_float"]  # a private function object: argtypes are ours
@@ -391,9 +394,10 @@ def _ogg_page(packets: list[bytes], granule: int, serial: int, seq: int, flags: 
 def write_ogg_opus(
     path_or_file: str | os.PathLike[str] | BinaryIO, pcm_float: np.ndarray, sample_rate: int, bitrate: int = 32000
 ) -> None:
-    """Write mono float samples as an Ogg/Opus file (RFC 7845): 48 kHz, 20 ms packets, one second per page."""
+    """Write mono float samples as an Ogg/Opus file (RFC 7845): 48 kHz, 20 ms packets, one second per page. At
+    libopus' highest complexity, not the stream's: a file is encoded once and kept (a voice's reference audio)."""
     x = np.asarray(pcm_float, dtype=np.float32)
-    enc = AudioEncoder(OutputFormat("opus", 48000, 20, bitrate=bitrate), sample_rate)
+    enc = AudioEncoder(OutputFormat("opus", 48000, 20, bitrate=bitrate), sample_rate, complexity=10)
     pre_skip = enc.codec_delay
     # pad by the codec delay so the whole input is decodable, then trim it with the final granule position
     packets = enc.push(x) + enc.push(np.zeros(pre_skip * sample_rate // 48000 + 1, np.float32)) + enc.flush()
