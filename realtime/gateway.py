@@ -1092,7 +1092,10 @@ class Connection:
             await self._emit(job.turn, await self._encode(encoder.push, pcm))
 
     async def _encode(self, fn: Callable[[np.ndarray], list[bytes]], pcm: np.ndarray) -> list[bytes]:
-        """Resample + encode off the event loop (libopus and libsoxr release the GIL): the loop only moves bytes."""
+        """Resample + encode one engine chunk: off the event loop (libopus and libsoxr release the GIL, so another
+        core works too), or on it with ``ServerConfig.encode_on_loop`` (cheaper when each core has a process)."""
+        if self.gw.config.encode_on_loop:
+            return fn(pcm)
         return await asyncio.get_running_loop().run_in_executor(self.gw.codec_pool, fn, pcm)
 
     async def _emit(self, turn: int, packets: list[bytes]) -> None:
