@@ -2,7 +2,8 @@
 
 ``python -m loadtest.codec_bench [--json F]`` times, on this machine and in this process (no server, no socket):
 
-- libopus alone, per 20 ms frame at 48 kHz, for complexity 0..10: microseconds per frame and the share of one core
+- libopus alone (through the gateway's own ctypes call, on whole frames: no resampling, no framing), per 20 ms
+  frame at 48 kHz, for complexity 0..10: microseconds per frame and the share of one core
   a real-time stream needs (``pct = us / frame_us * 100``), with a quality number for each: the SNR and the
   correlation of the decoded audio against the input PCM, aligned by the encoder's lookahead, and the log-spectral
   distance (dB) over 20 ms frames, which follows what a listener hears better than the waveform SNR does;
