@@ -112,28 +112,49 @@ def _plan(request: SynthesisRequest, config: StubConfig) -> list[_Run]:
         voice = request.voices.get(piece.speaker)
         seed = _digest("stub", piece.speaker, voice.voice if voice else "", piece.text)
         semitones = (piece.speaker * 5) % 24 + seed[8] % 5  # speaker sets the register, text nudges it
-        runs.append(_Run(110.0 * 2 ** (semitones / 12), fake_codes(seed, frames), piece.text))
+        runs.append(_Run(110.0 * 2 ** (semitones / 12), _codes(seed, frames), piece.text))
     return runs
 
 
-_TABLE_SECONDS = 8  # a tone repeats after this long: the instrument must cost next to nothing per frame
+# The instrument must cost next to nothing per frame, so that a load test measures the gateway: its audio is read
+# from tables made once (a chunk is a read-only view of one, a new array only at a piece's edges and where the
+# table wraps), its codes are made once per piece of text, and nothing is computed per frame.
+_TABLE_SECONDS = 8  # a tone repeats after this long
+_EDGE = 256  # samples of fade in and out at a piece's edges
 
 
 @functools.lru_cache(maxsize=128)
 def _tone_table(frequency: float, sample_rate: int) -> np.ndarray:
-    """A syllable-like tone: two partials, four "syllables" a second, computed once per frequency."""
+    """A syllable-like tone: two partials, four "syllables" a second, computed once per frequency (read-only)."""
     t = np.arange(_TABLE_SECONDS * sample_rate, dtype=np.float64) / sample_rate
     wave = np.sin(2 * np.pi * frequency * t) + 0.3 * np.sin(4 * np.pi * frequency * t)
     envelope = 0.02 + 0.3 * np.sin(np.pi * 4.0 * t) ** 2
-    return (wave * envelope).astype(np.float32)
+    table = (wave * envelope).astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+@functools.lru_cache(maxsize=8)
+def _ramp(size: int) -> np.ndarray:
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    ramp.flags.writeable = False
+    return ramp
+
+
+@functools.lru_cache(maxsize=1024)
+def _codes(seed: bytes, frames: int) -> np.ndarray:
+    """``fake_codes``, made once per piece of text and shared (read-only): a conversation repeats its lines."""
+    codes = fake_codes(seed, frames)
+    codes.flags.writeable = False
+    return codes
 
 
 def _tone(frequency: float, start: int, count: int, sample_rate: int) -> np.ndarray:
-    """Samples [start, start + count) of the tone, as a new array."""
+    """Samples [start, start + count) of the tone: a read-only view of its table (a new array where it wraps)."""
     table = _tone_table(frequency, sample_rate)
     start %= len(table)
     if start + count <= len(table):
-        return table[start : start + count].copy()  # a copy: callers shape it in place
+        return table[start : start + count]
     return np.take(table, np.arange(start, start + count), mode="wrap")
 
 
@@ -181,12 +202,12 @@ class StubSynthesizer:
                     return
                 delay = self.config.frame_ms
                 pcm = _tone(run.frequency, position, step, self.config.sample_rate)
-                if frame == 0 or frame == run.codes.shape[1] - 1:  # soft edges between pieces
-                    ramp = np.linspace(0.0, 1.0, min(step, 256), dtype=np.float32)
+                if frame == 0 or frame == run.codes.shape[1] - 1:  # soft edges between pieces: a shaped copy
+                    pcm, ramp = pcm.copy(), _ramp(min(step, _EDGE))
                     if frame == 0:
                         pcm[: ramp.size] *= ramp
                     if frame == run.codes.shape[1] - 1:
                         pcm[-ramp.size :] *= ramp[::-1]
                 position += step
-                yield AudioChunk(pcm=pcm, codes=run.codes[:, frame : frame + 1].copy(), timing=timing)
+                yield AudioChunk(pcm=pcm, codes=run.codes[:, frame : frame + 1], timing=timing)
                 timing = None

@@ -18,6 +18,7 @@ Choices:
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 import os
@@ -54,6 +55,18 @@ OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 OPUS_FRAME_MS = (10, 20, 40, 60)
 _OPUS_MAX_PACKET = 4000  # libopus' recommended max_data_bytes
 _OPUS_MAX_FRAME_48K = 5760  # 120 ms at 48 kHz: the largest frame a decoder may be handed
+# The server's Opus complexity (0..10; libopus' default is 9). Not a client setting: it trades the server's CPU per
+# stream, which a client cannot judge and should not raise, so it stays out of protocol v1's ``output``. Chosen by
+# measurement (``python -m loadtest.codec_bench``, espeak speech at 32 kb/s, this 2-core EPYC): 4 is the knee. It
+# encodes a 20 ms frame in 117 us instead of 219 us (0.59 % of a core per stream instead of 1.10 %) and sounds like
+# the default at 28-29 kb/s (SNR 15.3 vs 15.8 dB, log-spectral distance 5.6 vs 5.4 dB); 5 gives the same packets,
+# every step above costs 30-90 % more for at most 0.2 dB, and 0-1 (0.28-0.32 %) sound like the default at 20 kb/s.
+OPUS_COMPLEXITY = 4
+# opus_encode_float called directly: the frame read in place from the numpy buffer, the packet written into one
+# buffer per encoder (opuslib's wrapper copies the frame to bytes and allocates a 4000-byte buffer per packet)
+_opus_encode_float = opuslib_next.api.libopus["opus_encode_float"]  # a private function object: argtypes are ours
+_opus_encode_float.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+_opus_encode_float.restype = ctypes.c_int
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> int:
@@ -242,7 +255,7 @@ def alaw_decode(b: bytes) -> np.ndarray:
 class AudioEncoder:
     """Streaming encoder from engine PCM (float32 mono at ``input_rate``) to wire packets of one frame each."""
 
-    def __init__(self, fmt: OutputFormat, input_rate: int) -> None:
+    def __init__(self, fmt: OutputFormat, input_rate: int, *, complexity: int = OPUS_COMPLEXITY) -> None:
         if isinstance(input_rate, bool) or not isinstance(input_rate, (int, np.integer)):
             raise ValueError(f"input_rate must be an integer, got {type(input_rate).__name__}")
         if not 4000 <= input_rate <= 192_000:
@@ -258,6 +271,11 @@ class AudioEncoder:
             self._opus = opuslib_next.Encoder(fmt.sample_rate, 1, opuslib_next.APPLICATION_AUDIO)
             self._opus.bitrate = fmt.bitrate
             self._opus.signal = opuslib_next.SIGNAL_VOICE
+            if isinstance(complexity, bool) or not isinstance(complexity, int) or not 0 <= complexity <= 10:
+                raise ValueError(f"complexity must be an integer within [0, 10], got {complexity!r}")
+            self._opus.complexity = complexity
+            self._opus_state = ctypes.cast(self._opus.encoder_state, ctypes.c_void_p).value
+            self._packet = ctypes.create_string_buffer(_OPUS_MAX_PACKET)
 
     @property
     def frame_ms(self) -> int:
@@ -300,15 +318,29 @@ class AudioEncoder:
         self._pending = buf[n * self._spf :].copy()
         if not n:
             return []
-        frames = np.nan_to_num(buf[: n * self._spf], nan=0.0).reshape(n, self._spf)
+        frames = buf[: n * self._spf].reshape(n, self._spf)
         self.frames_out += n
-        if self._opus is not None:
-            state, spf = self._opus.encoder_state, self._spf
-            frames = np.ascontiguousarray(np.clip(frames, -1.0, 1.0), dtype=np.float32)
-            return [opuslib_next.api.encoder.encode_float(state, f.tobytes(), spf, _OPUS_MAX_PACKET) for f in frames]
+        if self._opus is not None:  # the sample codecs clean their own input
+            frames = np.clip(frames, -1.0, 1.0)  # a new array: infinities clipped, NaN still NaN
+            if np.isnan(frames.sum()):  # one pass, no temporary (nan_to_num makes six): NaN is rare
+                np.nan_to_num(frames, copy=False, nan=0.0)
+            return self._encode_opus(frames)
         data = _SAMPLE_CODECS[self.format.codec](frames)
         size = len(data) // n
         return [data[i * size : (i + 1) * size] for i in range(n)]
+
+    def _encode_opus(self, frames: np.ndarray) -> list[bytes]:
+        """One packet per row of ``frames`` (n, samples per frame)."""
+        state, spf, out = self._opus_state, self._spf, self._packet
+        frames = np.ascontiguousarray(frames, dtype=np.float32)  # (n, spf) rows read in place by libopus
+        at, stride = frames.ctypes.data, frames.strides[0]
+        packets = []
+        for i in range(frames.shape[0]):
+            size = _opus_encode_float(state, at + i * stride, spf, out, _OPUS_MAX_PACKET)
+            if size < 0:
+                raise opuslib_next.OpusError(size)
+            packets.append(ctypes.string_at(out, size))
+        return packets
 
 
 _SAMPLE_CODECS = {"pcm16": float_to_pcm16, "mulaw": mulaw_encode, "alaw": alaw_encode}
@@ -365,9 +397,10 @@ def _ogg_page(packets: list[bytes], granule: int, serial: int, seq: int, flags: 
 def write_ogg_opus(
     path_or_file: str | os.PathLike[str] | BinaryIO, pcm_float: np.ndarray, sample_rate: int, bitrate: int = 32000
 ) -> None:
-    """Write mono float samples as an Ogg/Opus file (RFC 7845): 48 kHz, 20 ms packets, one second per page."""
+    """Write mono float samples as an Ogg/Opus file (RFC 7845): 48 kHz, 20 ms packets, one second per page. At
+    libopus' highest complexity, not the stream's: a file is encoded once and kept (a voice's reference audio)."""
     x = np.asarray(pcm_float, dtype=np.float32)
-    enc = AudioEncoder(OutputFormat("opus", 48000, 20, bitrate=bitrate), sample_rate)
+    enc = AudioEncoder(OutputFormat("opus", 48000, 20, bitrate=bitrate), sample_rate, complexity=10)
     pre_skip = enc.codec_delay
     # pad by the codec delay so the whole input is decodable, then trim it with the final granule position
     packets = enc.push(x) + enc.push(np.zeros(pre_skip * sample_rate // 48000 + 1, np.float32)) + enc.flush()

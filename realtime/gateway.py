@@ -1092,22 +1092,30 @@ class Connection:
             await self._emit(job.turn, await self._encode(encoder.push, pcm))
 
     async def _encode(self, fn: Callable[[np.ndarray], list[bytes]], pcm: np.ndarray) -> list[bytes]:
-        """Resample + encode off the event loop (libopus and libsoxr release the GIL): the loop only moves bytes."""
+        """Resample + encode one engine chunk: off the event loop (libopus and libsoxr release the GIL, so another
+        core works too), or on it with ``ServerConfig.encode_on_loop`` (cheaper when each core has a process)."""
+        if self.gw.config.encode_on_loop:
+            return fn(pcm)
         return await asyncio.get_running_loop().run_in_executor(self.gw.codec_pool, fn, pcm)
 
     async def _emit(self, turn: int, packets: list[bytes]) -> None:
-        """Queue packets, never more than ``lead_ms`` ahead of the client's playback clock."""
+        """Queue one engine chunk's packets, never more than ``lead_ms`` (plus the last packet) ahead of the client's
+        playback clock. One wait per chunk, until all of its packets fit, then all of them at once: no timer and no
+        wake-up per packet (the send loop takes them in one wake-up too). The bound is the same as waiting before each
+        packet; the chunk's first packets leave at most (packets - 1) frames later, out of a lead of 1.5 s."""
         assert self.machine is not None
+        if not packets:
+            return
         frame_ms = self.output.frame_ms
-        lead = float(self.output.lead_ms)
+        room = max(0.0, self.output.lead_ms - (len(packets) - 1) * frame_ms)
         context = self.machine.context_of(turn)
         clock = self.clocks.get(context)
         if clock is None:
             clock = self.clocks[context] = _PlaybackClock()
+        ahead = clock.ahead_ms(time.monotonic())
+        if ahead > room:
+            await asyncio.sleep((ahead - room) / 1000.0)
         for data in packets:
-            ahead = clock.ahead_ms(time.monotonic())
-            if ahead > lead:
-                await asyncio.sleep((ahead - lead) / 1000.0)
             msg = self.machine.packet(turn, data)
             if msg is None:  # a barge-in while this step was pacing or encoding: nothing more of it goes out
                 raise asyncio.CancelledError

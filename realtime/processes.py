@@ -219,5 +219,6 @@ class _quiet:
 def gateway_spec(config: ServerConfig, redis_url: str, port: int, metrics_dir: Path,
                  engine: Callable[[], Synthesizer] | None, worker_pool: str | None, verbose: bool) -> GatewaySpec:
     """The spec of every gateway of a parent: its config with the shared store, port and metrics."""
-    one = replace(config, redis_url=redis_url, port=port, processes=1, metrics_dir=metrics_dir)
+    # each process encodes on its own loop: the other cores are the other processes' (ServerConfig.encode_on_loop)
+    one = replace(config, redis_url=redis_url, port=port, processes=1, metrics_dir=metrics_dir, encode_on_loop=True)
     return GatewaySpec(config=one, engine=engine, worker_pool=worker_pool, verbose=verbose)

@@ -138,3 +138,18 @@ async def test_output_does_not_depend_on_earlier_requests() -> None:
         np.testing.assert_array_equal(await pcm("Same words every time."), first)
     finally:
         await synth.aclose()
+
+
+async def test_shared_audio_and_codes_cannot_be_corrupted_by_a_consumer() -> None:
+    """The stub's chunks are views of tables made once (so a load test measures the gateway, not the instrument):
+    a consumer that writes to one gets an error, and the next equal request still gets the same audio."""
+    synth = await started(ttft_ms=0, frame_ms=0)
+    text = "A line long enough for a middle frame or two, not only the faded edges."
+    first = await collect(synth, text)
+    middle = first[len(first) // 2]
+    with pytest.raises(ValueError, match="read-only"):
+        middle.pcm[:10] = 1.0
+    with pytest.raises(ValueError, match="read-only"):
+        middle.codes[0, 0] = 1
+    again = await collect(synth, text)
+    assert all(np.array_equal(x.pcm, y.pcm) and np.array_equal(x.codes, y.codes) for x, y in zip(first, again))

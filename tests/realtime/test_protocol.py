@@ -55,6 +55,23 @@ def test_server_messages_round_trip_with_binary_audio() -> None:
     assert ready["type"] == "session.ready" and ready["protocol"] == 1 and ready["resumed"] is False
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    turn=st.integers(0, 2**40),
+    seq=st.integers(0, 2**33),
+    ms=st.one_of(st.integers(0, 2**33), st.floats(allow_nan=False)),
+    data=st.one_of(st.binary(max_size=300), st.sampled_from([b"x" * 255, b"x" * 256, b"x" * 65535, b"x" * 65536])),
+    context=st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", fullmatch=True)),
+)
+def test_audio_fast_path_packs_what_the_generic_walk_packs(turn: int, seq: int, ms: float, data: bytes,
+                                                           context: str | None) -> None:
+    """``audio`` is packed from a fixed head (it is the message sent 50 times a second per stream): its bytes are
+    the generic ``to_wire`` map's, for every size of integer, float, binary and context (the golden frames pin the
+    common cases)."""
+    msg = p.Audio(turn=turn, seq=seq, ms=ms, data=data, context=context)
+    assert p.encode(msg, p.Encoding.MSGPACK) == msgpack.packb(p.to_wire(msg), use_bin_type=True)
+
+
 def test_turn_done_ttfa_none_is_omitted_not_null() -> None:
     wire = p.decode_server(p.encode(p.TurnDone(turn=0, reason="cancelled", audio_ms=0, frames=0, ttfa_ms=None),
                                     p.Encoding.MSGPACK))
