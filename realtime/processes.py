@@ -59,7 +59,9 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
     if not hasattr(socket, "SO_REUSEPORT"):
         raise OSError("this platform has no SO_REUSEPORT: run one gateway process (--processes 1)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP (accepted ones inherit it);
+    # with proto 0, Nagle held each audio packet until the previous one was acknowledged (+12 ms to first audio)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
