@@ -162,6 +162,20 @@ def path_rows(x48: np.ndarray, frame_ms: int, repeats: int, complexity: int) -> 
     return rows
 
 
+def floor_pct(sample_rate: int = RATE, frame_ms: int = 20, bitrate: int | None = None, seconds: float = 2.0,
+              repeats: int = 3) -> float:
+    """libopus alone for one real-time stream of the stub's tone (what ``--serve stub`` encodes), at the server's
+    complexity and this format: percent of a core. Cheap (about 0.05 s): every Opus load-test run records it as the
+    floor its server CPU per stream is set against."""
+    from engine.stub import _tone
+
+    fmt = OutputFormat(sample_rate=sample_rate, frame_ms=frame_ms, bitrate=bitrate or OutputFormat().bitrate)
+    frames = _frames(np.array(_tone(196.0, 0, int(seconds * sample_rate), sample_rate)), fmt.samples_per_frame)
+    encoder = AudioEncoder(fmt, sample_rate)
+    best = _best(lambda: encoder._encode_opus(frames), repeats)
+    return round(best / (len(frames) * frame_ms / 1000) * 100, 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.codec_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frame-ms", type=int, default=20, choices=(10, 20, 40, 60))

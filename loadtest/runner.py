@@ -6,8 +6,10 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from loadtest.config import SwarmConfig
+from loadtest.cpu import gateway_pids
 from loadtest.profile import Profiler
 from loadtest.report import write_report
 from loadtest.stats import analyse, write_turns_csv
@@ -74,7 +76,10 @@ def run_once(
         if server_pid is None:
             raise RuntimeError("--profile needs the server's pid (use --serve, or --server-pid)")
         window = max(1.0, config.duration_s - config.measure_from_s)
-        profiler = Profiler(server_pid, out_dir, window, delay_s=config.measure_from_s)
+        # several gateway processes (shoal serve --processes N): profile the first; the parent only supervises
+        port = urlsplit(config.url).port
+        gateways = gateway_pids(server_pid, port) if port is not None else []
+        profiler = Profiler(gateways[0] if gateways else server_pid, out_dir, window, delay_s=config.measure_from_s)
     run_swarm(config, out_dir / RAW_DIR, server_pid, server_info, progress)
     summary_profile = profiler.wait(timeout_s=30.0) if profiler is not None else None
     return analyse_dir(out_dir, ttfa_p99_ms, max_underruns, summary_profile)

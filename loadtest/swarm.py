@@ -30,6 +30,7 @@ import psutil
 from loadtest.call import SimCall
 from loadtest.caller import UTTERANCE, CallerVoice, utterance_8k, vad_cost
 from loadtest.client import Live, SimSession
+from loadtest.codec_bench import floor_pct
 from loadtest.config import SwarmConfig
 from loadtest.cpu import CpuSampler
 from loadtest.floor import EchoServer, probe
@@ -191,6 +192,8 @@ def run_swarm(
         meta["caller"] = {"utterance": UTTERANCE, "utterance_ms": voice.utterance_ms, "onset_ms": voice.onset_ms}
         if config.vad_bench_s > 0:
             meta["vad_bench"] = vad_cost(config.vad_bench_s, utterance_8k(), config.seed)
+    if config.codec == "opus":  # the floor beside the headline: what libopus alone costs a stream here
+        meta["codec_floor_pct"] = floor_pct(config.sample_rate, config.frame_ms)
     echo = EchoServer(config.compression) if config.floor_probes else None
     meta["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
