@@ -38,6 +38,23 @@ def multiprocess_ready(directory: str) -> bool:
     return values.ValueClass is not values.MutexValue and os.environ.get(MULTIPROCESS_ENV) == str(directory)
 
 
+def shared_counter(directory: str | os.PathLike[str], name: str) -> Callable[[], None]:
+    """``inc`` for a counter kept by a process that serves no metrics but whose events belong in them: the parent of
+    several gateway processes counts the embedded Redis's restarts into their shared ``directory``. The gateways
+    declare the same counter (at 0), so any scrape sums in the parent's count. The parent imported prometheus-client
+    in single-process mode, so this value is made with the multiprocess value class directly."""
+    before = os.environ.get(MULTIPROCESS_ENV)
+    os.environ[MULTIPROCESS_ENV] = str(directory)  # read when the value opens its file, now
+    try:
+        value = values.MultiProcessValue()("counter", name, f"{name}_total", (), (), "")
+    finally:
+        if before is None:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+        else:
+            os.environ[MULTIPROCESS_ENV] = before
+    return lambda: value.inc(1.0)
+
+
 class Metrics:
     def __init__(self, multiprocess_dir: str | os.PathLike[str] | None = None) -> None:
         self.multiprocess_dir = None if multiprocess_dir is None else str(multiprocess_dir)

@@ -74,7 +74,16 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """The parent's hold on the port: bound with SO_REUSEPORT, never listening (connections go only to listening
-    sockets). With port 0 it picks the number every gateway then binds."""
+    sockets). With port 0 it picks the number every gateway then binds. A port some other server holds is refused
+    first: SO_REUSEPORT alone would let two servers of the same user share it silently."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: connections in TIME_WAIT are fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        port = probe.getsockname()[1]
     return _reuse_port_socket(host, port)
 
 

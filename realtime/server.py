@@ -35,6 +35,7 @@ from realtime.config import ServerConfig
 from realtime.gateway import Gateway
 from realtime.guards import GuardedEventLoop, handshake_guarded
 from realtime.logs import rate_limit_handlers
+from realtime.metrics import shared_counter
 from realtime.processes import GatewayProcesses, gateway_spec, listening_socket, reserve_port
 from realtime.worker_process import LocalWorkers, RegistryMembers, WorkerSupervisor
 from sessions.embedded import EmbeddedRedis, default_data_dir, find_redis_server
@@ -129,7 +130,8 @@ def serve(
             pool_desc = f"{workers.count} local engine workers in pool {workers.pool} ({addresses})"
         if config.processes > 1:
             return _serve_processes(config, redis_url, engine_factory, worker_pool, out, verbose,
-                                    [f"store {store_desc}"] + ([f"workers: {pool_desc}"] if pool_desc else []))
+                                    [f"store {store_desc}"] + ([f"workers: {pool_desc}"] if pool_desc else []),
+                                    embedded)
         # one Redis connection pool for the process: the store's, connected and closed in the app's lifespan; the
         # worker registry the pool reads is a guest on it
         store = SessionStore(redis_url, session_ttl_s=config.session_ttl_s)
@@ -192,12 +194,16 @@ def serve(
 
 
 def _serve_processes(config: ServerConfig, redis_url: str, engine_factory: Callable[[], Synthesizer] | None,
-                     worker_pool: str | None, out: TextIO, verbose: bool, shared: list[str]) -> int:
+                     worker_pool: str | None, out: TextIO, verbose: bool, shared: list[str],
+                     embedded: EmbeddedRedis | None) -> int:
     """The parent of ``config.processes`` gateways: hold the port, start them, restart any that dies, and on
     SIGINT/SIGTERM stop them (each drains). The store and workers are the caller's (started before, stopped after)."""
     holder = reserve_port(config.host, config.port)
     port = holder.getsockname()[1]
     metrics_dir = Path(tempfile.mkdtemp(prefix="shoal-metrics-"))
+    if embedded is not None:  # the store is the parent's: so are its restarts, counted where the gateways read
+        restarted = shared_counter(metrics_dir, "shoal_store_restarts")
+        embedded.on_restart = lambda status: restarted()
     spec = gateway_spec(config, redis_url, port, metrics_dir, engine_factory, worker_pool, verbose)
     gateways = GatewayProcesses(spec, config.processes)
     stop = threading.Event()

@@ -171,3 +171,38 @@ async def test_a_gateway_that_dies_is_started_again_and_sigterm_drains_every_ses
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in children)
     out = output(two)
     assert f"gateway process 0 (pid {pids[0]}) exited with code -9; restarting it" in out, out
+
+
+async def test_the_embedded_redis_killed_under_two_processes_is_restarted_and_counted_once(two: Server) -> None:
+    client = await Client.connect(two.url)
+    await client.start(session="through-the-outage")
+    done, _ = await speak(client, ["Before the store goes."], 0)
+    assert done["reason"] == "complete"
+    assert metric(scrape(two), "shoal_store_restarts_total") == 0
+    os.kill(int((two.data_dir / "redis.pid").read_text().strip()), signal.SIGKILL)
+    deadline = time.monotonic() + 20  # the parent restarts it; the count reaches both processes' scrapes
+    while metric(text := scrape(two), "shoal_store_restarts_total") != 1:
+        assert time.monotonic() < deadline, text
+        await asyncio.sleep(0.2)
+    done, _ = await speak(client, ["And after it came back."], 1)
+    assert done["turn"] == 1 and done["reason"] == "complete"
+    await client.close()
+    again = await Client.connect(two.url)
+    ready = await again.start(session="through-the-outage")
+    assert ready["resumed"] is True and ready["turns"] == 2
+    await again.close()
+    assert all(metric(scrape(two), "shoal_store_restarts_total") == 1 for _ in range(4))
+
+
+def test_a_second_server_on_the_same_port_is_refused_not_merged(two: Server, tmp_path: Path) -> None:
+    # SO_REUSEPORT would let a second server of the same user share the port, and the kernel split clients between
+    # two unrelated servers: it must fail as a single process does, with a clear error
+    import subprocess
+    import sys
+
+    for extra in (["--processes", "2"], []):
+        proc = subprocess.run([sys.executable, "-m", "shoal", "serve", "--engine", "stub", "--port", str(two.port),
+                               "--data-dir", str(tmp_path / "other"), *extra], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode != 0, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and str(two.port) in proc.stdout + proc.stderr, proc.stderr
