@@ -25,6 +25,7 @@ imported after ``PROMETHEUS_MULTIPROC_DIR`` is set, and nothing of the parent's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -196,7 +197,7 @@ class GatewayProcesses:
         self._policy.stop()
         live = [c for c in self._children if c is not None and c.is_alive()]
         for child in live:
-            with _quiet():
+            with contextlib.suppress(OSError):  # gone already
                 os.kill(child.pid, signal.SIGTERM)  # type: ignore[arg-type]
         deadline = time.monotonic() + timeout_s
         for child in live:
@@ -215,16 +216,8 @@ class GatewayProcesses:
         if directory is not None and child.pid is not None:
             from prometheus_client.multiprocess import mark_process_dead
 
-            with _quiet():
+            with contextlib.suppress(OSError):  # gone already
                 mark_process_dead(child.pid, str(directory))
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
-        return kind is not None and issubclass(kind, (ProcessLookupError, OSError))
 
 
 def gateway_spec(config: ServerConfig, redis_url: str, port: int, metrics_dir: Path,
