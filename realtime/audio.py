@@ -172,9 +172,16 @@ class OutputFormat:
 # ---------------------------------------------------------------------------------------------------- sample codecs
 
 
+def _finite(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32 with NaN as 0 and infinities as full scale: one pass to check, so nan_to_num's six passes are
+    paid only when something is not finite, which is rare."""
+    x = np.asarray(x, dtype=np.float32)
+    return x if np.isfinite(x.sum(dtype=np.float64)) else np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+
+
 def float_to_pcm16(x: np.ndarray) -> bytes:
     """Float samples in [-1, 1] (clipped; NaN -> 0) to PCM16 little-endian bytes."""
-    y = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0) * 32768.0
+    y = _finite(x) * 32768.0
     return np.clip(np.rint(y), -32768, 32767).astype("<i2").tobytes()
 
 
@@ -202,7 +209,7 @@ _MULAW_DECODE = _mulaw_decode_table()
 
 def mulaw_encode(x: np.ndarray) -> bytes:
     """Float samples to G.711 mu-law bytes (bias 0x84, clip 32635), vectorised."""
-    s = np.clip(np.rint(np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0) * 32768.0), -32768, 32767)
+    s = np.clip(np.rint(_finite(x) * 32768.0), -32768, 32767)
     s = s.astype(np.int32)
     sign = np.where(s < 0, 0x80, 0)
     mag = np.minimum(np.abs(s), _MULAW_CLIP) + _MULAW_BIAS
@@ -233,7 +240,7 @@ _ALAW_DECODE = _alaw_decode_table()
 
 def alaw_encode(x: np.ndarray) -> bytes:
     """Float samples to G.711 A-law bytes, vectorised."""
-    s = np.clip(np.rint(np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0) * 32768.0), -32768, 32767)
+    s = np.clip(np.rint(_finite(x) * 32768.0), -32768, 32767)
     s = s.astype(np.int32) >> 3  # 13-bit
     mask = np.where(s >= 0, 0xD5, 0x55)
     mag = np.where(s >= 0, s, -s - 1)

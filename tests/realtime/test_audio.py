@@ -168,6 +168,10 @@ def test_float_pcm16_conversions() -> None:
     assert float_to_pcm16(np.array([0.0, 1.0, -1.0, 2.0, -2.0, np.nan], np.float32)) == struct.pack(
         "<6h", 0, 32767, -32768, 32767, -32768, 0
     )
+    # not-finite samples are checked in one pass and cleaned only when present: infinities are full scale
+    assert float_to_pcm16(np.array([np.inf, -np.inf, 0.5], np.float32)) == struct.pack("<3h", 32767, -32768, 16384)
+    assert mulaw_encode(np.array([np.inf, np.nan], np.float32)) == mulaw_encode(np.array([1.0, 0.0], np.float32))
+    assert alaw_encode(np.array([-np.inf, np.nan], np.float32)) == alaw_encode(np.array([-1.0, 0.0], np.float32))
     with pytest.raises(ValueError, match="even"):
         pcm16_to_float(b"\x00\x01\x02")
 
