@@ -176,7 +176,9 @@ def _finite(x: np.ndarray) -> np.ndarray:
     """``x`` as float32 with NaN as 0 and infinities as full scale: one pass to check, so nan_to_num's six passes are
     paid only when something is not finite, which is rare."""
     x = np.asarray(x, dtype=np.float32)
-    return x if np.isfinite(x.sum(dtype=np.float64)) else np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: quietly, it only means "clean it"
+        total = x.sum(dtype=np.float64)
+    return x if np.isfinite(total) else np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
 
 
 def float_to_pcm16(x: np.ndarray) -> bytes:
