@@ -3,13 +3,12 @@
 Only the command line is used (the load test imports nothing of the server). Its output goes to a log file;
 the URL comes from the line that names the port it got. With ``processes`` (``shoal serve --processes N|auto``:
 N gateway processes sharing the port, under a supervising parent) the process started is the parent, and the
-gateways are the processes of its tree listening on the port (:func:`loadtest.cpu.gateway_pids`), waited for
-after the start.
+gateways are the processes of its tree listening on the port (:func:`loadtest.cpu.gateway_pids`); the parent
+names the port only once every gateway listens.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -49,17 +48,7 @@ class ServerProcess:
         if not self.port:
             self.stop()
             raise RuntimeError(f"shoal serve did not start; see {log_path}:\n{log_path.read_text(errors='replace')[-2000:]}")
-        self.gateways = self._wait_gateways(expected_processes(processes), deadline)
-
-    def _wait_gateways(self, expected: int, deadline: float) -> list[int]:
-        """The gateway processes, once ``expected`` of them listen (or what listens by the deadline)."""
-        found: list[int] = []
-        for _ in range(10_000):  # bounded by count and by time
-            found = gateway_pids(self.pid, self.port)
-            if len(found) >= expected or time.monotonic() >= deadline or self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        return found
+        self.gateways = gateway_pids(self.pid, self.port)
 
     @property
     def pid(self) -> int:
@@ -80,10 +69,3 @@ class ServerProcess:
         self._log.close()
         self._tmp.cleanup()
         return self.proc.returncode
-
-
-def expected_processes(processes: str | None) -> int:
-    """How many gateway processes ``shoal serve --processes`` starts: N, ``auto`` one per core, none given one."""
-    if processes is None:
-        return 1
-    return (os.cpu_count() or 1) if processes == "auto" else int(processes)

@@ -330,10 +330,7 @@ class AudioEncoder:
         frames = buf[: n * self._spf].reshape(n, self._spf)
         self.frames_out += n
         if self._opus is not None:  # the sample codecs clean their own input
-            frames = np.clip(frames, -1.0, 1.0)  # a new array: infinities clipped, NaN still NaN
-            if np.isnan(frames.sum()):  # one pass, no temporary (nan_to_num makes six): NaN is rare
-                np.nan_to_num(frames, copy=False, nan=0.0)
-            return self._encode_opus(frames)
+            return self._encode_opus(np.clip(_finite(frames), -1.0, 1.0))
         data = _SAMPLE_CODECS[self.format.codec](frames)
         size = len(data) // n
         return [data[i * size : (i + 1) * size] for i in range(n)]

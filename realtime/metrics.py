@@ -15,6 +15,7 @@ starts the gateways sets it before they start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 
@@ -38,20 +39,29 @@ def multiprocess_ready(directory: str) -> bool:
     return values.ValueClass is not values.MutexValue and os.environ.get(MULTIPROCESS_ENV) == str(directory)
 
 
-def shared_counter(directory: str | os.PathLike[str], name: str) -> Callable[[], None]:
-    """``inc`` for a counter kept by a process that serves no metrics but whose events belong in them: the parent of
-    several gateway processes counts the embedded Redis's restarts into their shared ``directory``. The gateways
-    declare the same counter (at 0), so any scrape sums in the parent's count. The parent imported prometheus-client
-    in single-process mode, so this value is made with the multiprocess value class directly."""
+@contextlib.contextmanager
+def multiprocess_env(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """``PROMETHEUS_MULTIPROC_DIR`` set to ``directory`` for the time of the block, as it was after: for what must
+    see it now (a process spawned in the block inherits it; a multiprocess value opens its file), not for this
+    process's prometheus-client, which chose its mode when it was imported."""
     before = os.environ.get(MULTIPROCESS_ENV)
-    os.environ[MULTIPROCESS_ENV] = str(directory)  # read when the value opens its file, now
+    os.environ[MULTIPROCESS_ENV] = str(directory)
     try:
-        value = values.MultiProcessValue()("counter", name, f"{name}_total", (), (), "")
+        yield
     finally:
         if before is None:
             os.environ.pop(MULTIPROCESS_ENV, None)
         else:
             os.environ[MULTIPROCESS_ENV] = before
+
+
+def shared_counter(directory: str | os.PathLike[str], name: str) -> Callable[[], None]:
+    """``inc`` for a counter kept by a process that serves no metrics but whose events belong in them: the parent of
+    several gateway processes counts the embedded Redis's restarts into their shared ``directory``. The gateways
+    declare the same counter (at 0), so any scrape sums in the parent's count. The parent imported prometheus-client
+    in single-process mode, so this value is made with the multiprocess value class directly."""
+    with multiprocess_env(directory):  # read when the value opens its file, now
+        value = values.MultiProcessValue()("counter", name, f"{name}_total", (), (), "")
     return lambda: value.inc(1.0)
 
 

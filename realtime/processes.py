@@ -42,13 +42,13 @@ from typing import Any
 from engine.base import Synthesizer
 from engine.supervisor import Backoff, Supervisor
 from realtime.config import ServerConfig
+from realtime.metrics import multiprocess_env
 
 __all__ = ["GatewayProcesses", "GatewaySpec", "GatewayStartError", "listening_socket", "reserve_port"]
 
 log = logging.getLogger("shoal.processes")
 
 LISTEN_BACKLOG = 2048
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client when it is first imported
 START_TIMEOUT_S = 60.0
 
 
@@ -56,13 +56,17 @@ class GatewayStartError(RuntimeError):
     """A gateway process did not come up."""
 
 
-def _reuse_port_socket(host: str, port: int) -> socket.socket:
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise OSError("this platform has no SO_REUSEPORT: run one gateway process (--processes 1)")
+def _tcp_socket(host: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto named: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP (accepted ones inherit it);
     # with proto 0, Nagle held each audio packet until the previous one was acknowledged (+12 ms to first audio)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    return socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise OSError("this platform has no SO_REUSEPORT: run one gateway process (--processes 1)")
+    sock = _tcp_socket(host)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -77,8 +81,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
     """The parent's hold on the port: bound with SO_REUSEPORT, never listening (connections go only to listening
     sockets). With port 0 it picks the number every gateway then binds. A port some other server holds is refused
     first: SO_REUSEPORT alone would let two servers of the same user share it silently."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
+    with _tcp_socket(host) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: connections in TIME_WAIT are fine
         try:
             probe.bind((host, port))
@@ -111,7 +114,7 @@ def _gateway_main(spec: GatewaySpec, slot: int, parent_pid: int, ready: Any) -> 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; see the module docstring
     logging.basicConfig(level=logging.INFO if spec.verbose else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s %(name)s [gateway {slot}]: %(message)s")
-    from realtime.server import serve  # imported here: prometheus-client after PROMETHEUS_MULTIPROC_DIR
+    from realtime.server import serve  # here: realtime.server imports this module
 
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     engine = spec.engine() if spec.engine is not None else None
@@ -168,16 +171,10 @@ class GatewayProcesses:
         child = self._mp.Process(target=_gateway_main, args=(self.spec, slot, os.getpid(), ready),
                                  name=f"shoal-gateway-{slot}", daemon=False)
         directory = self.spec.config.metrics_dir
-        before = os.environ.get(MULTIPROCESS_ENV)
-        if directory is not None:  # for the child only (a spawned interpreter starts with the parent's environment)
-            os.environ[MULTIPROCESS_ENV] = str(directory)
-        try:
+        # for the child only: a spawned interpreter starts with the parent's environment, and its prometheus-client
+        # reads PROMETHEUS_MULTIPROC_DIR when it is first imported
+        with multiprocess_env(directory) if directory is not None else contextlib.nullcontext():
             child.start()
-        finally:
-            if before is None:
-                os.environ.pop(MULTIPROCESS_ENV, None)
-            else:
-                os.environ[MULTIPROCESS_ENV] = before
         self._children[slot], self._ready[slot] = child, ready
         self._policy.started(slot)
 

@@ -173,7 +173,7 @@ def serve(
             if pool_desc:
                 print(f"shoal: workers: {pool_desc}", file=out)
             print(f"shoal: store {store_desc}", file=out)
-            print(f"shoal: listening on http://{config.host}:{port}/ (protocol v1 at ws://{config.host}:{port}/v1/realtime)", file=out)
+            print(_listening(config.host, port), file=out)
             out.flush()
             if on_ready is not None:
                 on_ready()
@@ -214,8 +214,7 @@ def _serve_processes(config: ServerConfig, redis_url: str, engine_factory: Calla
               file=out)
         for line in shared:
             print(f"shoal: {line}", file=out)
-        print(f"shoal: listening on http://{config.host}:{port}/ (protocol v1 at "
-              f"ws://{config.host}:{port}/v1/realtime)", file=out)
+        print(_listening(config.host, port), file=out)
         out.flush()
         gateways.supervise(stop)
         return 0
@@ -225,6 +224,11 @@ def _serve_processes(config: ServerConfig, redis_url: str, engine_factory: Calla
             signal.signal(sig, handler)
         holder.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _listening(host: str, port: int) -> str:
+    """The line that says the server is up (what scripts and tests wait for), the same with one process or several."""
+    return f"shoal: listening on http://{host}:{port}/ (protocol v1 at ws://{host}:{port}/v1/realtime)"
 
 
 def _redact(url: str) -> str:
